@@ -1,0 +1,73 @@
+"""The shared base of every algorithm (DESIGN.md section 1).
+
+A round, as the executor runs it on each rank:
+
+1. if ``needs_client_grads``: g_i = grad f_i(x) for every sampled client, g = sum_i w_i g_i
+   (one all-reduce: the extra communication round of SCAFFOLD, FedGA and GradAlign);
+2. per client: y = x; ``client_start`` (e.g. FedGA's displacement); then ``local_steps()``
+   times y <- y - lr * ``local_direction`` (the minibatch gradient plus the algorithm's
+   terms, plus weight decay at the current iterate);
+3. one all-reduce forms sum_i w_i y_i; ``server_step`` moves x towards it.
+
+Algorithms are pure math on flat parameter vectors: they never communicate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..config import AlgorithmConfig
+
+
+@dataclass
+class ClientState:
+    """What one client's local work may read: the round's x, g and its own g_i."""
+
+    cid: int
+    x: torch.Tensor
+    g: Optional[torch.Tensor] = None
+    g_i: Optional[torch.Tensor] = None
+    correction: Optional[torch.Tensor] = None  # SCAFFOLD's g - g_i, fixed for the round
+
+
+class Algorithm:
+    name = "base"
+    needs_client_grads = False  # an extra communication round to form g = sum_i w_i g_i
+    grad_batch = "full"  # g_i on `full_grad_batch` samples, or "local": the first local minibatch
+
+    def __init__(self, cfg: AlgorithmConfig):
+        self.cfg = cfg
+        self.momentum: Optional[torch.Tensor] = None
+
+    def local_steps(self) -> int:
+        """K: local updates per client per round."""
+        return self.cfg.local_steps
+
+    def comm_rounds(self) -> int:
+        return 2 if self.needs_client_grads else 1
+
+    def client_start(self, c: ClientState, y: torch.Tensor) -> None:
+        """Modify the starting iterate y (a copy of x) in place. Default: start at x."""
+
+    def local_direction(self, c: ClientState, y: torch.Tensor, grad: torch.Tensor) -> None:
+        """Turn the minibatch gradient at y into the step direction, in place.
+        Weight decay (coupled L2) is added at the current iterate, never to g_i or g."""
+        if self.cfg.weight_decay:
+            grad.add_(y, alpha=self.cfg.weight_decay)
+
+    @torch.no_grad()
+    def server_step(self, x: torch.Tensor, avg: torch.Tensor) -> None:
+        """x <- x + eta_s (sum_i w_i y_i - x), with optional server momentum (FedAvgM):
+        m <- mu_s m + (x - avg); x <- x - eta_s m."""
+        lr, mom = self.cfg.server_lr, self.cfg.server_momentum
+        if lr == 1.0 and mom == 0.0:
+            x.copy_(avg)
+            return
+        delta = x - avg
+        if mom:
+            if self.momentum is None:
+                self.momentum = torch.zeros_like(x)
+            delta = self.momentum.mul_(mom).add_(delta)
+        x.sub_(delta, alpha=lr)

@@ -1,0 +1,273 @@
+"""Typed configuration: the only schema of a run.
+
+A run is described by a YAML file plus dotted command-line overrides
+(``algorithm.beta=0.05``), resolved into the dataclasses below. Every key is checked for
+existence, type and range before any work starts; a bad value raises :class:`ConfigError`
+with a message that names the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+SOURCES = ("emnist", "cifar10", "cifar100", "mnist", "fashionmnist", "npz", "imagefolder", "digits")
+SCHEMES = ("iid", "shards", "percentage_iid", "dirichlet")
+MODELS = ("cnn_emnist", "cnn_cifar", "resnet18", "mlp", "logreg")
+ALGORITHMS = ("lbsgd", "fedavg", "fedprox", "scaffold", "fedga", "gradalign")
+ONE_STEP_ALGORITHMS = ("lbsgd", "gradalign")  # one update per round by definition
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, of the wrong type, out of range or inconsistent."""
+
+
+def _opt(default: Any, **rules: Any) -> Any:
+    """A field with validation rules: choices=, ge= (>=), gt= (>), lt= (<), le= (<=)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+@dataclass
+class DataConfig:
+    source: str = _opt("digits", choices=SOURCES)
+    root: str = "data"
+    download: bool = False
+    normalize: Optional[list] = None  # [mean, std]: numbers or per-channel lists
+    augment: str = _opt("none", choices=("none", "crop_flip"))
+
+
+@dataclass
+class PartitionConfig:
+    scheme: str = _opt("iid", choices=SCHEMES)
+    num_clients: int = _opt(10, ge=1)
+    iid_fraction: float = _opt(0.0, ge=0.0, le=1.0)
+    alpha: float = _opt(0.5, gt=0.0)
+    shards_per_client: int = _opt(1, ge=1)
+    min_size: int = _opt(1, ge=1)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _opt("mlp", choices=MODELS)
+    hidden: list[int] = _opt([200, 200])  # mlp only
+    activation: str = _opt("relu", choices=("relu", "tanh"))  # mlp only; tanh is smooth
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = _opt("fedavg", choices=ALGORITHMS)
+    lr: float = _opt(0.05, gt=0.0)
+    local_steps: int = _opt(1, ge=1)
+    local_batch_size: Union[int, Literal["full"]] = _opt(64, ge=1)
+    full_grad_batch: Union[int, Literal["full"]] = _opt("full", ge=1)
+    beta: float = _opt(0.0, ge=0.0)
+    mu: float = _opt(0.0, ge=0.0)
+    weight_decay: float = _opt(0.0, ge=0.0)
+    server_lr: float = _opt(1.0, gt=0.0)
+    server_momentum: float = _opt(0.0, ge=0.0, lt=1.0)
+
+
+@dataclass
+class TrainConfig:
+    rounds: int = _opt(100, ge=1)
+    clients_per_round: int = _opt(10, ge=1)
+    eval_every: int = _opt(5, ge=1)
+    eval_batch_size: int = _opt(1000, ge=1)
+    micro_batch_size: Optional[int] = _opt(None, ge=1)  # split large batches for memory
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    precision: str = _opt("float32", choices=("float32", "float64"))
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = _opt(0, ge=0)
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- type and range checks
+
+def _describe(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    if origin is Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if origin is list:
+        return f"a list of {_describe(args[0]) if args else 'values'}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return value converted to tp, or raise TypeError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin is Union:
+        for a in args:
+            if a is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, a)
+            except TypeError:
+                pass
+    elif origin is list or tp is list:
+        if isinstance(value, list):
+            return [_coerce(v, args[0]) for v in value] if args else value
+    raise TypeError
+
+
+def _check_rules(key: str, value: Any, rules: dict) -> None:
+    if value is None or isinstance(value, (str, list)) and "choices" not in rules:
+        return
+    if "choices" in rules and value not in rules["choices"]:
+        allowed = ", ".join(rules["choices"])
+        raise ConfigError(f"{key} = {value!r} is not allowed: choose one of {allowed}")
+    bounds = [("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+              ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b)]
+    for name, sym, ok in bounds:
+        if name in rules and isinstance(value, (int, float)) and not ok(value, rules[name]):
+            raise ConfigError(f"{key} = {value!r} is out of range: must be {sym} {rules[name]}")
+
+
+def _from_dict(cls: type, data: Any, prefix: str) -> Any:
+    section = prefix.rstrip(".") or "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{section} must be a mapping of keys to values, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}; allowed keys in {section}: "
+                              + ", ".join(known))
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        tp, value, key = hints[name], data[name], prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _from_dict(tp, value, key + ".")
+            continue
+        try:
+            kwargs[name] = _coerce(value, tp)
+        except TypeError:
+            raise ConfigError(f"{key} = {value!r} has the wrong type: expected {_describe(tp)}") from None
+        _check_rules(key, kwargs[name], dict(f.metadata))
+    return cls(**kwargs)
+
+
+def _check_normalize(norm: Optional[list]) -> None:
+    if norm is None:
+        return
+    def numbers(v: Any) -> bool:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return True
+        return isinstance(v, list) and len(v) > 0 and all(numbers(x) and not isinstance(x, list) for x in v)
+    if len(norm) != 2 or not all(numbers(v) for v in norm):
+        raise ConfigError(f"data.normalize = {norm!r} is not allowed: expected [mean, std], each a number "
+                          "or a list of per-channel numbers, e.g. [0.5, 0.5] or [[0.49, 0.48, 0.45], [0.2, 0.2, 0.2]]")
+    stds = norm[1] if isinstance(norm[1], list) else [norm[1]]
+    if any(s <= 0 for s in stds):
+        raise ConfigError(f"data.normalize = {norm!r} is out of range: every std must be > 0")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field rules that no single key can check."""
+    a, t, p = cfg.algorithm, cfg.train, cfg.partition
+    _check_normalize(cfg.data.normalize)
+    if t.clients_per_round > p.num_clients:
+        raise ConfigError(f"train.clients_per_round = {t.clients_per_round} is out of range: must be <= "
+                          f"partition.num_clients = {p.num_clients}")
+    if a.name in ONE_STEP_ALGORITHMS and a.local_steps != 1:
+        raise ConfigError(f"algorithm.local_steps = {a.local_steps} is not allowed for algorithm.name = "
+                          f"{a.name!r}: it takes exactly one update per round; set local_steps=1")
+    if any(h < 1 for h in cfg.model.hidden):
+        raise ConfigError(f"model.hidden = {cfg.model.hidden!r} is out of range: every width must be >= 1")
+    if cfg.data.source in ("npz", "imagefolder") and not cfg.data.root:
+        raise ConfigError(f"data.root = {cfg.data.root!r} is not allowed: data.source = "
+                          f"{cfg.data.source!r} needs the path of its file or folder")
+    return cfg
+
+
+def from_dict(data: dict) -> Config:
+    return validate(_from_dict(Config, data, ""))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not allowed: write it as key=value, e.g. algorithm.beta=0.05")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot parse the value: {e}") from None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.setdefault(part, {}), dict):
+                raise ConfigError(f"override {item!r}: '{part}' is a value, not a section")
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: Optional[str | Path], overrides: list[str] = ()) -> Config:
+    """Read a YAML config (safe loader), apply dotted overrides, validate, return the Config."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys to values")
+    return from_dict(apply_overrides(data, list(overrides)))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,117 @@
+"""Runs the clients a rank holds in a round, one after another.
+
+Every client's randomness (minibatch order, the ``full_grad_batch`` subsample, augmentation)
+comes from generators seeded by (seed, round, client id, purpose), never from a rank's global
+RNG, so a client computes the same numbers whichever rank runs it: the root of world-size
+invariance (DESIGN.md section 2). Results are accumulated as weighted sums into flat buffers
+that the engine all-reduces.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .algorithms import Algorithm, ClientState
+from .data import augment_batch
+from .models import FlatModel, loss_and_grad
+
+# Purposes of the per-client random streams.
+_BATCHES, _GRAD_SUBSAMPLE, _AUGMENT = 1, 2, 3
+
+
+def client_generator(seed: int, rnd: int, cid: int, purpose: int, step: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, round, client, purpose, step)."""
+    state = np.random.SeedSequence([seed, rnd, cid, purpose, step]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def local_batches(seed: int, rnd: int, cid: int, n: int, steps: int, batch_size) -> list[torch.Tensor]:
+    """Positions (into the client's shard) of the minibatch of each local step: epochs of a
+    seeded permutation, reshuffled when fewer than ``batch_size`` samples remain. ``full``
+    (or a batch at least the shard) is the whole shard at every step: deterministic."""
+    if batch_size == "full" or batch_size >= n:
+        return [torch.arange(n)] * steps
+    gen = client_generator(seed, rnd, cid, _BATCHES)
+    perm, pos, out = torch.randperm(n, generator=gen), 0, []
+    for _ in range(steps):
+        if pos + batch_size > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        out.append(perm[pos:pos + batch_size])
+        pos += batch_size
+    return out
+
+
+def grad_batch(seed: int, rnd: int, cid: int, n: int, size) -> torch.Tensor:
+    """Positions used for g_i: the whole shard, or a seeded subsample of ``size``."""
+    if size == "full" or size >= n:
+        return torch.arange(n)
+    perm = torch.randperm(n, generator=client_generator(seed, rnd, cid, _GRAD_SUBSAMPLE))
+    return perm[:size].sort().values
+
+
+def batch_size_of(n: int, size) -> int:
+    return n if size == "full" else min(n, size)
+
+
+class SequentialExecutor:
+    """Runs a rank's clients in a plain loop over one :class:`FlatModel`."""
+
+    def __init__(self, fm: FlatModel, x_train: torch.Tensor, y_train: torch.Tensor,
+                 shards: list[torch.Tensor], seed: int, augment: str, micro_batch: int | None):
+        self.fm, self.x_train, self.y_train = fm, x_train, y_train
+        self.shards, self.seed, self.augment, self.micro_batch = shards, seed, augment, micro_batch
+
+    def _grad(self, rnd: int, cid: int, positions: torch.Tensor, aug_step: int) -> torch.Tensor:
+        """Loss and gradient (left in fm.grads) of client ``cid`` on the given shard positions."""
+        idx = self.shards[cid][positions.to(self.shards[cid].device)]
+        xb, yb = self.x_train[idx], self.y_train[idx]
+        if self.augment != "none":
+            xb = augment_batch(xb, self.augment, client_generator(self.seed, rnd, cid, _AUGMENT, aug_step))
+        return loss_and_grad(self.fm, xb, yb, self.micro_batch)
+
+    def _grad_positions(self, algo: Algorithm, rnd: int, cid: int) -> tuple[torch.Tensor, int]:
+        n = len(self.shards[cid])
+        if algo.grad_batch == "local":  # GradAlign: the same minibatch as the local step
+            return local_batches(self.seed, rnd, cid, n, 1, algo.cfg.local_batch_size)[0], 1
+        return grad_batch(self.seed, rnd, cid, n, algo.cfg.full_grad_batch), 0
+
+    @torch.no_grad()
+    def client_grads(self, algo: Algorithm, rnd: int, clients: list[int], weights: dict[int, float],
+                     x: torch.Tensor, buf: torch.Tensor) -> dict[int, torch.Tensor]:
+        """g_i at x for each client; adds w_i g_i into ``buf[:n]``. Returns {cid: g_i}."""
+        self.fm.params.copy_(x)
+        out = {}
+        for cid in clients:
+            positions, aug_step = self._grad_positions(algo, rnd, cid)
+            with torch.enable_grad():
+                self._grad(rnd, cid, positions, aug_step)
+            out[cid] = self.fm.grads.clone()
+            buf[:x.numel()].add_(out[cid], alpha=weights[cid])
+        return out
+
+    @torch.no_grad()
+    def local_updates(self, algo: Algorithm, rnd: int, clients: list[int], weights: dict[int, float],
+                      x: torch.Tensor, g: torch.Tensor | None, g_locals: dict[int, torch.Tensor],
+                      buf: torch.Tensor) -> None:
+        """Each client's K local steps from x. Adds w_i y_i into ``buf[:n]``, the weighted
+        mean local loss into ``buf[n]`` and, where g is known, w_i ||g_i - g||^2 into ``buf[n+1]``."""
+        n_params, lr, fm = x.numel(), algo.cfg.lr, self.fm
+        steps = algo.local_steps()
+        for cid in clients:
+            w = weights[cid]
+            state = ClientState(cid=cid, x=x, g=g, g_i=g_locals.get(cid))
+            y = fm.params
+            y.copy_(x)
+            algo.client_start(state, y)
+            batches = local_batches(self.seed, rnd, cid, len(self.shards[cid]), steps, algo.cfg.local_batch_size)
+            loss_sum = torch.zeros((), dtype=x.dtype, device=x.device)
+            for k, positions in enumerate(batches):
+                with torch.enable_grad():
+                    loss_sum += self._grad(rnd, cid, positions, k + 1)
+                grad = fm.grads
+                algo.local_direction(state, y, grad)
+                y.sub_(grad, alpha=lr)
+            buf[:n_params].add_(y, alpha=w)
+            buf[n_params] += w * loss_sum / steps
+            if state.g_i is not None:
+                buf[n_params + 1] += w * (state.g_i - g).pow(2).sum()

@@ -1,0 +1,209 @@
+"""The paper's models (DESIGN.md section 3) and two simple baselines.
+
+No model has buffers (no batch norm: the paper uses none, and federated averaging of running
+statistics is ill-defined), so a model's whole state is its parameter vector.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class CNNEmnist(nn.Module):
+    """Conv(1->32, k5) ReLU MaxPool2, Conv(32->64, k5) ReLU MaxPool2, Linear(1024->classes)."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 5)
+        self.conv2 = nn.Conv2d(32, 64, 5)
+        side = ((image_size - 4) // 2 - 4) // 2
+        self.fc = nn.Linear(64 * side * side, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+class CNNCifar(nn.Module):
+    """Conv(3->6, k5) ReLU MaxPool2, Conv(6->16, k5) ReLU MaxPool2, 400->120->84->classes."""
+
+    def __init__(self, in_channels: int, image_size: int, num_classes: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 6, 5)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        side = ((image_size - 4) // 2 - 4) // 2
+        self.fc1 = nn.Linear(16 * side * side, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc3(F.relu(self.fc2(x)))
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear + activation per hidden width, then Linear to the classes."""
+
+    def __init__(self, in_features: int, hidden: list[int], num_classes: int, activation: str = "relu"):
+        super().__init__()
+        self.act = torch.tanh if activation == "tanh" else F.relu
+        widths = [in_features, *hidden]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths, widths[1:]))
+        self.out = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        for layer in self.layers:
+            x = self.act(layer(x))
+        return self.out(x)
+
+
+class LogReg(nn.Module):
+    """Multinomial logistic regression: one linear layer on the flattened input, zero init."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, num_classes)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(2, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(2, cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.GroupNorm(2, cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18, CIFAR variant (3x3 stem, no max-pool), GroupNorm(2 groups) instead of batch norm
+    so that the model has no running statistics to average across clients."""
+
+    def __init__(self, in_channels: int, num_classes: int):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.GroupNorm(2, 64), nn.ReLU())
+        blocks, cin = [], 64
+        for cout, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """Build the configured model for inputs of shape (C, H, W). Initialization uses torch's
+    global RNG: seed it first (the engine does) so every rank starts from the same x."""
+    c, h, w = input_shape
+    if cfg.name in ("cnn_emnist", "cnn_cifar"):
+        if h != w or h < 16:
+            raise ValueError(f"model.name = {cfg.name!r} needs square images of side >= 16, got {h}x{w}")
+        cls = CNNEmnist if cfg.name == "cnn_emnist" else CNNCifar
+        return cls(c, h, num_classes)
+    if cfg.name == "resnet18":
+        return ResNet18(c, num_classes)
+    if cfg.name == "mlp":
+        return MLP(c * h * w, list(cfg.hidden), num_classes, cfg.activation)
+    if cfg.name == "logreg":
+        return LogReg(c * h * w, num_classes)
+    raise ValueError(f"unknown model {cfg.name!r}")
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_no_buffers(model: nn.Module) -> None:
+    if any(True for _ in model.buffers()):
+        raise ValueError("models with buffers (e.g. batch norm) are not supported")
+
+
+class FlatModel:
+    """A model whose parameters are views into one flat vector ``params``, and whose
+    gradients are views into one flat vector ``grads``.
+
+    Algorithms then work on plain vectors (x, g_i, displacements) with no per-tensor loops,
+    and every communication is one all-reduce of one flat buffer.
+    """
+
+    def __init__(self, module: nn.Module):
+        _check_no_buffers(module)
+        self.module = module
+        ref = next(module.parameters())
+        n = num_parameters(module)
+        self.params = torch.empty(n, dtype=ref.dtype, device=ref.device)
+        self.grads = torch.zeros(n, dtype=ref.dtype, device=ref.device)
+        offset = 0
+        for mod in list(module.modules()):
+            for name, p in list(mod.named_parameters(recurse=False)):
+                k = p.numel()
+                self.params[offset:offset + k].copy_(p.detach().flatten())
+                newp = nn.Parameter(self.params[offset:offset + k].view_as(p))
+                newp.grad = self.grads[offset:offset + k].view_as(p)
+                setattr(mod, name, newp)
+                offset += k
+        assert offset == n, "shared parameters are not supported"
+        self.numel = n
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone().cpu() for k, v in self.module.state_dict().items()}
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b) if b else a
+
+
+def loss_and_grad(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the batch at the current ``fm.params``; its gradient is left in
+    ``fm.grads`` (overwritten, not accumulated). Large batches are split into micro-batches of
+    at most ``micro_batch`` samples whose gradients add up to the full-batch gradient.
+    Returns the loss as a 0-dim tensor (no host sync)."""
+    fm.grads.zero_()
+    n = x.shape[0]
+    chunks = 1 if not micro_batch else max(1, _ceil_div(n, micro_batch))
+    total = torch.zeros((), dtype=fm.params.dtype, device=fm.params.device)
+    for xb, yb in zip(x.chunk(chunks), y.chunk(chunks)):
+        loss = F.cross_entropy(fm.module(xb), yb, reduction="sum") / n
+        loss.backward()
+        total += loss.detach()
+    return total
+
+
+@torch.no_grad()
+def evaluate_sums(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
+    """[correct, summed loss, count] of the model at ``fm.params`` on (x, y), in float64."""
+    out = torch.zeros(3, dtype=torch.float64, device=fm.params.device)
+    for start in range(0, x.shape[0], batch):
+        xb, yb = x[start:start + batch], y[start:start + batch]
+        logits = fm.module(xb)
+        out[0] += (logits.argmax(1) == yb).sum()
+        out[1] += F.cross_entropy(logits, yb, reduction="sum").double()
+        out[2] += yb.numel()
+    return out
+
+
+__all__ = ["build_model", "FlatModel", "loss_and_grad", "evaluate_sums", "num_parameters"]

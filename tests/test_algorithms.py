@@ -1,0 +1,201 @@
+"""Every algorithm against numbers derived by hand, and the identities between algorithms.
+
+The reference below is an independent numpy implementation of DESIGN.md section 1 for
+multinomial logistic regression, whose gradient has the closed form (softmax(Wx+b) - e_y) x^T.
+It reads the partition and the sampled clients from the run directory, so it checks the
+algorithm math and not the partitioner or sampler (tested elsewhere).
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dist_gradalign.config import from_dict
+from dist_gradalign.engine import Trainer
+
+from util import base_config, load_params, run_dir_rows, write_npz
+
+
+def _softmax(z):
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def ref_grad(W, X, Y, C):
+    """Mean cross-entropy gradient of logistic regression; W is (C, D+1), last column = bias."""
+    Xa = np.hstack([X, np.ones((len(X), 1))])
+    P = _softmax(Xa @ W.T)
+    P[np.arange(len(Y)), Y] -= 1.0
+    return P.T @ Xa / len(X)
+
+
+def ref_run(a, X, Y, C, shards, rounds_clients):
+    """The algorithms of DESIGN.md section 1 with full-batch local steps, in numpy float64."""
+    W = np.zeros((C, X.shape[1] + 1))
+    mom = np.zeros_like(W)
+    K = 1 if a["name"] in ("lbsgd", "gradalign") else a["local_steps"]
+    variances = []
+    for clients in rounds_clients:
+        sizes = np.array([len(shards[c]) for c in clients], dtype=float)
+        w = sizes / sizes.sum()
+        gi = [ref_grad(W, X[shards[c]], Y[shards[c]], C) for c in clients]
+        g = sum(wi * gii for wi, gii in zip(w, gi))
+        variances.append(0.5 * sum(wi * ((gii - g) ** 2).sum() for wi, gii in zip(w, gi)))
+        avg = np.zeros_like(W)
+        for wi, c, gii in zip(w, clients, gi):
+            y = W.copy()
+            if a["name"] in ("fedga", "gradalign"):
+                y -= a["beta"] * (g - gii)
+            for _ in range(K):
+                d = ref_grad(y, X[shards[c]], Y[shards[c]], C) + a["weight_decay"] * y
+                if a["name"] == "fedprox":
+                    d += a["mu"] * (y - W)
+                if a["name"] == "scaffold":
+                    d += g - gii
+                y = y - a["lr"] * d
+            avg += wi * y
+        mom = a["server_momentum"] * mom + (W - avg)
+        W = W - a["server_lr"] * mom
+    return W, variances
+
+
+def _tiny(tmp_path):
+    """12 samples, 3 features, 3 classes, as float (used exactly as stored)."""
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(12, 1, 3)).astype(np.float32).astype(np.float64)  # exact in float32
+    Y = np.array([0, 1, 2] * 4, dtype=np.int64)
+    return write_npz(tmp_path / "tiny.npz", X, Y, X, Y), X.reshape(12, 3), Y
+
+
+ALGOS = {
+    "lbsgd": {},
+    "fedavg": {"local_steps": 3},
+    "fedprox": {"local_steps": 3, "mu": 0.5},
+    "scaffold": {"local_steps": 3},
+    "fedga": {"local_steps": 3, "beta": 0.3},
+    "gradalign": {"beta": 0.3},
+}
+
+
+@pytest.mark.parametrize("server", [(1.0, 0.0), (0.7, 0.5)], ids=["plain", "server-momentum"])
+@pytest.mark.parametrize("name", list(ALGOS))
+def test_matches_numpy_reference(tmp_path, name, server):
+    path, X, Y = _tiny(tmp_path)
+    algo = {"name": name, "lr": 0.4, "local_batch_size": "full", "full_grad_batch": "full",
+            "weight_decay": 0.01, "server_lr": server[0], "server_momentum": server[1], "beta": 0.0, "mu": 0.0,
+            "local_steps": 1, **ALGOS[name]}
+    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo,
+                      partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3},
+                      train={"rounds": 3, "clients_per_round": 3, "precision": "float64"})
+    Trainer(cfg).fit()
+    rows = run_dir_rows(cfg.run_dir)
+    shards = [np.array(v) for v in json.loads((tmp_path / "run" / "partition.json").read_text())["clients"].values()]
+    assert len({len(s) for s in shards}) > 1, "the test needs unequal client sizes (sample-size weights)"
+    W_ref, var_ref = ref_run(algo, X, Y, 3, shards, [r["clients"] for r in rows])
+    sd = load_params(cfg.run_dir)
+    W = np.hstack([sd["linear.weight"].numpy(), sd["linear.bias"].numpy()[:, None]])
+    np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
+    if name in ("scaffold", "fedga", "gradalign"):
+        np.testing.assert_allclose([r["grad_variance"] for r in rows], var_ref, rtol=1e-9)
+    else:
+        assert "grad_variance" not in rows[0]
+    assert [r["comm_rounds"] for r in rows] == [k * (2 if name in ("scaffold", "fedga", "gradalign") else 1)
+                                               for k in (1, 2, 3)]
+    assert [r["updates"] for r in rows] == [k * (1 if name in ("lbsgd", "gradalign") else 3) for k in (1, 2, 3)]
+
+
+def test_lbsgd_first_step_by_hand(tmp_path):
+    """Two clients of one sample each, x0 = (1, 2) with label 0, x1 = (3, -1) with label 1.
+    At W = 0 the softmax is (1/2, 1/2): g_0 = [[-0.5, -1], [0.5, 1]], g_1 = [[1.5, -0.5], [-1.5, 0.5]],
+    bias gradients cancel; one step of lr 0.1 gives W = -0.1 (g_0 + g_1) / 2."""
+    X = np.array([[[1.0, 2.0]], [[3.0, -1.0]]])
+    Y = np.array([0, 1])
+    path = write_npz(tmp_path / "two.npz", X, Y, X, Y)
+    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"},
+                      algorithm={"name": "lbsgd", "lr": 0.1, "local_steps": 1, "local_batch_size": "full"},
+                      partition={"scheme": "shards", "num_clients": 2},
+                      train={"rounds": 1, "clients_per_round": 2, "precision": "float64"})
+    Trainer(cfg).fit()
+    sd = load_params(cfg.run_dir)
+    np.testing.assert_allclose(sd["linear.weight"].numpy(), [[-0.05, 0.075], [0.05, -0.075]], atol=1e-15)
+    np.testing.assert_allclose(sd["linear.bias"].numpy(), [0.0, 0.0], atol=1e-15)
+    row = run_dir_rows(cfg.run_dir)[0]
+    assert row["samples"] == 2 and row["updates"] == 1 and row["comm_rounds"] == 1
+
+
+def test_fedga_displacement_by_hand(tmp_path):
+    """Same two clients, FedGA with K = 1, lr 0.1, beta 1: v_0 = g - g_0 = [[1, 0.25], [-1, -0.25]],
+    bias [0.5, -0.5], so client 0 starts at -v_0; the displacements cancel in the average, and
+    with beta = 0 FedGA is the plain step of the previous test."""
+    X = np.array([[[1.0, 2.0]], [[3.0, -1.0]]])
+    Y = np.array([0, 1])
+    path = write_npz(tmp_path / "two.npz", X, Y, X, Y)
+    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"},
+                      algorithm={"name": "fedga", "lr": 0.1, "beta": 1.0, "local_steps": 1,
+                                 "local_batch_size": "full"},
+                      partition={"scheme": "shards", "num_clients": 2},
+                      train={"rounds": 1, "clients_per_round": 2, "precision": "float64"})
+    t = Trainer(cfg)
+    t.run_round(1)
+    # client 0 at W0 = -v_0: logits (W0 x0 + b0) = (-1.5 - 0.5, 1.5 + 0.5) = (-2, 2)
+    W0, b0 = -np.array([[1.0, 0.25], [-1.0, -0.25]]), -np.array([0.5, -0.5])
+    W1, b1 = -W0, -b0  # v_1 = -v_0 (equal weights)
+    def grad(Wc, bc, x, y):
+        p = _softmax((Wc @ x + bc)[None])[0]
+        p[y] -= 1
+        return np.outer(p, x), p
+    gw0, gb0 = grad(W0, b0, X[0, 0], 0)
+    gw1, gb1 = grad(W1, b1, X[1, 0], 1)
+    W = ((W0 - 0.1 * gw0) + (W1 - 0.1 * gw1)) / 2
+    b = ((b0 - 0.1 * gb0) + (b1 - 0.1 * gb1)) / 2
+    flat = np.concatenate([W.ravel(), b])
+    np.testing.assert_allclose(t.x.numpy(), flat, atol=1e-14)
+    assert np.abs(flat - np.array([-0.05, 0.075, 0.05, -0.075, 0, 0])).max() > 1e-3, "beta had no effect"
+
+
+def _final(tmp_path, sub, **kw):
+    cfg = base_config(tmp_path / sub, **kw)
+    t = Trainer(cfg)
+    t.fit()
+    return t.x, run_dir_rows(cfg.run_dir)
+
+
+FED = dict(partition={"scheme": "shards", "num_clients": 6}, train={"rounds": 3, "clients_per_round": 4},
+           model={"name": "mlp", "hidden": [16]})
+
+
+def test_fedga_beta0_equals_fedavg(tmp_path):
+    a = {"lr": 0.1, "local_steps": 4, "local_batch_size": 8, "weight_decay": 1e-3}
+    x_ga, _ = _final(tmp_path, "ga", algorithm={"name": "fedga", "beta": 0.0, **a}, **FED)
+    x_avg, _ = _final(tmp_path, "avg", algorithm={"name": "fedavg", **a}, **FED)
+    assert torch.equal(x_ga, x_avg)
+
+
+def test_fedga_k1_equals_gradalign(tmp_path):
+    a = {"lr": 0.1, "local_steps": 1, "local_batch_size": "full", "full_grad_batch": "full", "beta": 0.2}
+    x_ga, _ = _final(tmp_path, "fedga", algorithm={"name": "fedga", **a}, **FED)
+    x_gr, _ = _final(tmp_path, "gradalign", algorithm={"name": "gradalign", **a}, **FED)
+    assert torch.equal(x_ga, x_gr)
+    x_avg, _ = _final(tmp_path, "fedavg", algorithm={"name": "fedavg", **{**a, "beta": 0.0}}, **FED)
+    assert not torch.allclose(x_gr, x_avg), "beta must change the result"
+
+
+def test_scaffold_k1_full_equals_lbsgd(tmp_path):
+    a = {"lr": 0.1, "local_steps": 1, "local_batch_size": "full", "full_grad_batch": "full", "weight_decay": 1e-3}
+    x_sc, _ = _final(tmp_path, "scaffold", algorithm={"name": "scaffold", **a}, **FED)
+    x_lb, _ = _final(tmp_path, "lbsgd", algorithm={"name": "lbsgd", **a}, **FED)
+    torch.testing.assert_close(x_sc, x_lb, rtol=1e-5, atol=1e-6)
+
+
+def test_gradalign_uses_the_local_minibatch_for_g_i(tmp_path):
+    """Algorithm 1: g_i and the displaced gradient share the minibatch, so the samples counted
+    per client are 2 x batch, and beta > 0 with minibatches differs from lbsgd."""
+    a = {"lr": 0.1, "local_steps": 1, "local_batch_size": 8, "beta": 0.5}
+    x_ga, rows = _final(tmp_path, "ga", algorithm={"name": "gradalign", **a}, **FED)
+    x_lb, rows_lb = _final(tmp_path, "lb", algorithm={"name": "lbsgd", **a}, **FED)
+    assert rows[0]["samples"] == 4 * 2 * 8 and rows_lb[0]["samples"] == 4 * 8
+    assert not torch.allclose(x_ga, x_lb)
+    x_b0, _ = _final(tmp_path, "ga0", algorithm={"name": "gradalign", **{**a, "beta": 0.0}}, **FED)
+    torch.testing.assert_close(x_b0, x_lb, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,128 @@
+"""The paper's Theorems 2, 4 and 5, numerically, on a small smooth nonlinear model.
+
+Left side: two runs of one round from the same x (full batches, so the expectation is exact).
+Right side: the gradient of r(x) = 1/2 sum_i w_i ||g_i - g||^2 by double backprop
+(with w_i = 1/n this is the paper's 1/(2n) sum_i ||g_i - g||^2). The relative error of the
+expansion must fall about linearly as the step sizes halve.
+"""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from dist_gradalign.algorithms import build_algorithm
+from dist_gradalign.engine import Trainer
+
+from util import base_config, write_npz
+
+K = 3
+
+
+@pytest.fixture(scope="module")
+def trainer(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("theorems")
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(40, 1, 5)).astype(np.float32)
+    Y = rng.integers(0, 4, size=40)
+    path = write_npz(tmp / "small.npz", X, Y, X, Y)
+    cfg = base_config(tmp, source="npz", root=str(path), model={"name": "mlp", "hidden": [8], "activation": "tanh"},
+                      algorithm={"name": "fedavg", "lr": 0.1, "local_steps": 1, "local_batch_size": "full"},
+                      partition={"scheme": "shards", "num_clients": 4},  # sorted by label: heterogeneous
+                      train={"rounds": 1, "clients_per_round": 4, "precision": "float64"})
+    return Trainer(cfg)
+
+
+def one_round(t: Trainer, x0: torch.Tensor, **algo) -> torch.Tensor:
+    t.algo = build_algorithm(replace(t.cfg.algorithm, **algo))
+    t.x = x0.clone()
+    t.run_round(1)
+    return t.x.clone()
+
+
+def grad_r(t: Trainer, x0: torch.Tensor) -> torch.Tensor:
+    """grad_x of r(x) = 1/2 sum_i w_i ||g_i(x) - g(x)||^2, by double backprop."""
+    module = t.fm.module
+    named = [(n, p.shape, p.numel()) for n, p in module.named_parameters()]
+    x = x0.clone().requires_grad_(True)
+    params = {n: v.view(s) for (n, s, _), v in zip(named, x.split([k for _, _, k in named]))}
+    sizes = torch.tensor(t.sizes, dtype=x.dtype)
+    w = sizes / sizes.sum()
+    gis = []
+    for shard in t.shards_np:
+        idx = torch.as_tensor(shard)
+        loss = F.cross_entropy(functional_call(module, params, (t.x_train[idx],)), t.y_train[idx])
+        gis.append(torch.autograd.grad(loss, x, create_graph=True)[0])
+    g = sum(wi * gi for wi, gi in zip(w, gis))
+    r = 0.5 * sum(wi * (gi - g).pow(2).sum() for wi, gi in zip(w, gis))
+    return torch.autograd.grad(r, x)[0]
+
+
+def rel_err(lhs: torch.Tensor, rhs: torch.Tensor) -> float:
+    return float((lhs - rhs).norm() / rhs.norm())
+
+
+def assert_linear(errs: list[float]) -> None:
+    ratios = [a / b for a, b in zip(errs, errs[1:])]
+    print("relative errors", [f"{e:.2e}" for e in errs], "ratios", [f"{q:.2f}" for q in ratios])
+    assert all(1.6 < q < 2.5 for q in ratios), f"errors {errs} do not halve (ratios {ratios})"
+    assert errs[-1] < 0.05, errs
+
+
+def test_theorem2_gradalign_vs_gd(trainer):
+    """x_GA - x_GD = -alpha beta grad r(x) + O(alpha beta^2)."""
+    x0, alpha = trainer.x.clone(), 0.1
+    gr = grad_r(trainer, x0)
+    x_gd = one_round(trainer, x0, name="lbsgd", lr=alpha, local_steps=1)
+    errs = []
+    for beta in (0.4, 0.2, 0.1, 0.05):
+        x_ga = one_round(trainer, x0, name="gradalign", lr=alpha, beta=beta, local_steps=1)
+        errs.append(rel_err(x_ga - x_gd, -alpha * beta * gr))
+    assert_linear(errs)
+
+
+def test_theorem4_fedga_vs_fedavg(trainer):
+    """x_FedGA - x_FedAvg = -alpha beta K grad r(x) + higher order; alpha and beta halve together."""
+    x0 = trainer.x.clone()
+    gr = grad_r(trainer, x0)
+    errs = []
+    for alpha, beta in ((0.2, 0.4), (0.1, 0.2), (0.05, 0.1), (0.025, 0.05)):
+        x_ga = one_round(trainer, x0, name="fedga", lr=alpha, beta=beta, local_steps=K)
+        x_avg = one_round(trainer, x0, name="fedavg", lr=alpha, local_steps=K)
+        errs.append(rel_err(x_ga - x_avg, -alpha * beta * K * gr))
+    assert_linear(errs)
+
+
+def test_theorem5_scaffold_vs_fedavg(trainer):
+    """x_SCAFFOLD - x_FedAvg = -(alpha^2 K (K-1) / 2) grad r(x) + O(alpha^3)
+    (the paper's alpha^2 K (K-1) / 4n times grad sum_i ||g_i - g||^2)."""
+    x0 = trainer.x.clone()
+    gr = grad_r(trainer, x0)
+    errs = []
+    for alpha in (0.2, 0.1, 0.05, 0.025):
+        x_sc = one_round(trainer, x0, name="scaffold", lr=alpha, local_steps=K)
+        x_avg = one_round(trainer, x0, name="fedavg", lr=alpha, local_steps=K)
+        errs.append(rel_err(x_sc - x_avg, -(alpha ** 2) * K * (K - 1) / 2 * gr))
+    assert_linear(errs)
+
+
+def test_grad_variance_logged_is_r(trainer):
+    """The logged grad_variance is r(x) at the round's x."""
+    x0 = trainer.x.clone()
+    trainer.algo = build_algorithm(replace(trainer.cfg.algorithm, name="fedga", beta=0.1))
+    trainer.x = x0.clone()
+    row = trainer.run_round(1)
+    gis = []
+    for shard in trainer.shards_np:
+        trainer.fm.params.copy_(x0)
+        idx = torch.as_tensor(shard)
+        from dist_gradalign.models import loss_and_grad
+        loss_and_grad(trainer.fm, trainer.x_train[idx], trainer.y_train[idx])
+        gis.append(trainer.fm.grads.clone())
+    w = np.array(trainer.sizes) / sum(trainer.sizes)
+    g = sum(wi * gi for wi, gi in zip(w, gis))
+    r = 0.5 * sum(wi * float((gi - g).pow(2).sum()) for wi, gi in zip(w, gis))
+    assert row["grad_variance"] == pytest.approx(r, rel=1e-9)
+    assert row["grad_variance_normalized"] == pytest.approx(r / float(g.pow(2).sum()), rel=1e-9)

@@ -16,7 +16,8 @@ def augment_batch(x: torch.Tensor, kind: str, generator: torch.Generator) -> tor
     - ``"none"``: return ``x`` itself.
     - ``"crop_flip"``: per sample, zero-pad by 4 pixels, take a random ``H x W`` crop, and flip
       horizontally with probability 0.5 (torchvision's ``RandomCrop(pad=4)`` +
-      ``RandomHorizontalFlip``), vectorized over the batch.
+      ``RandomHorizontalFlip``), vectorized over the batch. The batch is already normalized,
+      so the padding is the mean colour rather than torchvision's black.
 
     All random numbers are drawn on the CPU from ``generator`` (a CPU generator), so the result
     depends only on its state, never on the device; the result lies on ``x``'s device.

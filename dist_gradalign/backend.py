@@ -27,7 +27,7 @@ class Backend:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    bytes_sent: int = 0  # all-reduced payload per rank, summed over the run
+    bytes_sent: int = 0  # all-reduced training payload per rank, summed over the run
 
     @classmethod
     def from_env(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Backend":
@@ -59,9 +59,11 @@ class Backend:
         """This rank's share of the round's clients: position p goes to rank p % world_size."""
         return clients[self.rank::self.world_size]
 
-    def all_reduce_(self, buf: torch.Tensor) -> torch.Tensor:
-        """Sum ``buf`` over ranks, in place: one collective for the whole flat buffer."""
-        self.bytes_sent += buf.numel() * buf.element_size()
+    def all_reduce_(self, buf: torch.Tensor, count: bool = True) -> torch.Tensor:
+        """Sum ``buf`` over ranks, in place: one collective for the whole flat buffer.
+        ``count``: add its payload to ``bytes_sent`` (training traffic; evaluation is not)."""
+        if count:
+            self.bytes_sent += buf.numel() * buf.element_size()
         if self.world_size > 1:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         return buf

@@ -129,7 +129,7 @@ class Trainer:
         """Test accuracy and mean loss at x; each rank evaluates a slice, one all-reduce."""
         self.fm.params.copy_(self.x)
         sums = self.backend.all_reduce_(evaluate_sums(self.fm, self.x_test, self.y_test,
-                                                      self.cfg.train.eval_batch_size))
+                                                      self.cfg.train.eval_batch_size), count=False)
         correct, loss, count = sums.tolist()
         return correct / count, loss / count
 

@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    is_main = os.environ.get("RANK", "0") == "0"
+    is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    from .data import DataError
+    from .engine import DivergenceError, RunDirError
     try:
         if args.command == "train":
             from .config import load_config
@@ -36,11 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .summary import summarize
             print(summarize(args.run_dirs, args.target))
-    except (ConfigError, OSError, RuntimeError) as e:
-        from .data import DataError
-        from .engine import DivergenceError, RunDirError
-        if not isinstance(e, (ConfigError, DataError, RunDirError, DivergenceError, FileNotFoundError)):
-            raise
+    except (ConfigError, DataError, RunDirError, DivergenceError, FileNotFoundError) as e:
         if is_main:
             kind = "config error" if isinstance(e, ConfigError) else "error"
             print(f"{kind}: {e}", file=sys.stderr)

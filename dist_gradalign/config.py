@@ -87,6 +87,21 @@ class TrainConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "dist-gradalign"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = _opt([])
+    mode: str = _opt("online", choices=("online", "offline", "disabled"))
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class Config:
     seed: int = _opt(0, ge=0)
     run_dir: str = "runs/default"
@@ -95,6 +110,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -175,6 +191,10 @@ def _from_dict(cls: type, data: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
+        if any(secret in str(key).lower() for secret in ("api_key", "apikey", "token", "password")):
+            raise ConfigError(f"'{prefix}{key}' is not allowed: secrets are never read from config files (they would "
+                              "be copied into config.yaml and logs); set WANDB_API_KEY in the environment or run "
+                              "`wandb login`")
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""

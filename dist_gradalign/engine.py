@@ -21,6 +21,7 @@ from .config import Config, ConfigError, dump_config
 from .data import load_dataset, partition, sample_clients
 from .executor import SequentialExecutor, batch_size_of
 from .models import FlatModel, build_model, evaluate_sums
+from .tracking import start_tracker
 
 
 class DivergenceError(RuntimeError):
@@ -144,6 +145,7 @@ class Trainer:
                 {"scheme": cfg.partition.scheme, "clients": {str(i): s.tolist() for i, s in enumerate(self.shards_np)}}))
         be.barrier()
         metrics = open(run_dir / "metrics.jsonl", "w") if be.is_main else None
+        tracker = start_tracker(cfg, run_dir, fresh=overwrite) if be.is_main else None
         bar = None
         if be.is_main and cfg.train.progress:
             from tqdm import tqdm
@@ -158,12 +160,18 @@ class Trainer:
                 if metrics:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
+                if tracker:
+                    tracker.log(row)
                 if bar:
                     bar.update(1)
                     post = {"loss": f"{row['train_loss']:.4f}"}
                     if "test_acc" in row:
                         post["acc"] = f"{row['test_acc']:.4f}"
                     bar.set_postfix(post, refresh=False)
+        except BaseException:
+            if tracker:
+                tracker.finish(None, exit_code=1)
+            raise
         finally:
             if bar:
                 bar.close()
@@ -172,6 +180,8 @@ class Trainer:
         summary = {k: row[k] for k in ("round", "comm_rounds", "updates", "samples", "bytes",
                                         "train_loss", "test_acc", "test_loss", "time")}
         summary["algorithm"] = cfg.algorithm.name
+        if tracker:
+            tracker.finish(summary)
         if be.is_main:
             self.fm.params.copy_(self.x)
             torch.save(self.fm.state_dict(), run_dir / "model.pt")

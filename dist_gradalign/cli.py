@@ -1,4 +1,4 @@
-"""Command line: ``dist-gradalign train CONFIG [key=value ...]`` and ``dist-gradalign summary RUN_DIR ...``.
+"""Command line: ``dist-gradalign train CONFIG [key=value ...]``, ``summary``, ``report`` and ``sweep``.
 
 Under torchrun: ``torchrun --nproc_per_node N -m dist_gradalign train CONFIG ...``.
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .config import ConfigError
 
@@ -22,7 +23,41 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run_dirs", nargs="+")
     s.add_argument("--target", type=float, default=None,
                    help="test accuracy (0-1) whose first reaching, in updates and comm rounds, is reported")
+    w = sub.add_parser("sweep", help="expand a grid into runs: sequentially via torchrun, or as a SLURM job array")
+    w.add_argument("sweep_file")
+    w.add_argument("--dry-run", action="store_true", help="list the runs and validate their configs, run nothing")
+    w.add_argument("--slurm", action="store_true", help="submit the unfinished runs as one SLURM job array")
+    w.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch argument (repeatable)")
+    w.add_argument("--array-script", default=None, help="job-array script (default: slurm/sweep-array.sbatch)")
+    r = sub.add_parser("report", help="plots (accuracy/loss vs comm rounds and updates, grad variance) and a Table-1 markdown")
+    r.add_argument("run_dirs", nargs="+")
+    r.add_argument("--out", default="report", help="output folder (default: report)")
+    r.add_argument("--target", type=float, default=None, help="test accuracy (0-1) to report updates-to-target for")
     return p
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from . import sweep
+    spec = sweep.load_sweep(args.sweep_file)
+    runs = sweep.expand(spec)
+    if args.dry_run:
+        for run in runs:
+            print(f"{run.name}\t{run.group}\t{run.run_dir}")
+        print(f"{len(runs)} runs")
+        return 0
+    if args.slurm:
+        script = Path(args.array_script) if args.array_script else sweep.ARRAY_SCRIPT
+        print(sweep.submit_slurm(runs, spec, args.sbatch_arg, script))
+        return 0
+    failed = sweep.run_local(runs, spec["nproc"])
+    from .summary import summarize
+    done = [str(r.run_dir) for r in runs if (r.run_dir / "summary.json").is_file()]
+    if done:
+        print(summarize(done))
+    if failed:
+        print(f"{len(failed)} of {len(runs)} runs failed: {', '.join(r.name for r in failed)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
             from .config import load_config
             from .engine import train
             train(load_config(args.config, args.overrides), overwrite=args.overwrite)
+        elif args.command == "sweep":
+            return _sweep(args)
+        elif args.command == "report":
+            from .report import report
+            out = report(args.run_dirs, args.out, args.target)
+            print("\n".join([*out["plots"], out["table"]]))
         else:
             from .summary import summarize
             print(summarize(args.run_dirs, args.target))

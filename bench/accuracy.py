@@ -1,0 +1,85 @@
+"""Real-data accuracy benchmark on these 2-core machines (BENCHMARKS.md).
+
+For each experiment: a small grid search on seed 0 (through the project's own sweep code:
+torchrun, one rank), the best configuration per algorithm by final test accuracy (as the paper
+reports its grid-searched best), then seeds 1 and 2 of that configuration, then
+``dist-gradalign report`` on the selected runs (table + plots).
+
+    python bench/accuracy.py emnist47-het emnist47-iid datacenter   # all: about 75 minutes here
+
+Runs already finished are skipped, so an interrupted benchmark continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from dist_gradalign.summary import read_metrics
+from dist_gradalign.sweep import expand, run_local
+
+ROOT = "runs/bench"
+# CPU-sized federated round: K = 10 local steps of 32 samples, g_i on 200 samples, 100 rounds.
+FED = ["train.rounds=100", "train.eval_every=10", "algorithm.local_steps=10", "algorithm.local_batch_size=32",
+       "algorithm.full_grad_batch=200"]
+FED_GRID = [
+    {"algorithm.name": ["fedavg", "scaffold"], "algorithm.lr": [0.05, 0.1], "seed": [0]},
+    {"algorithm.name": ["fedprox"], "algorithm.lr": [0.05, 0.1], "algorithm.mu": [0.01, 0.1], "seed": [0]},
+    {"algorithm.name": ["fedga"], "algorithm.lr": [0.05, 0.1], "algorithm.beta": [0.01, 0.05], "seed": [0]},
+]
+# Datacenter: 8 workers (one IID shard each), every worker in every update, 8 x 64 = 512 samples
+# per update, 300 updates; GradAlign against large-batch SGD.
+DC = ["partition.scheme=iid", "partition.num_clients=8", "train.clients_per_round=8", "train.rounds=300",
+      "train.eval_every=10", "algorithm.local_steps=1", "algorithm.local_batch_size=64"]
+DC_GRID = [
+    {"algorithm.name": ["lbsgd"], "algorithm.lr": [0.1, 0.2], "seed": [0]},
+    {"algorithm.name": ["gradalign"], "algorithm.lr": [0.1, 0.2], "algorithm.beta": [0.05, 0.2], "seed": [0]},
+]
+EXPERIMENTS = {
+    "emnist47-het": ("configs/offline/emnist-het-fedavg.yaml", FED, FED_GRID),
+    "emnist47-iid": ("configs/offline/emnist-iid-fedavg.yaml", FED, FED_GRID),
+    "datacenter": ("configs/offline/emnist-iid-fedavg.yaml", DC, DC_GRID),
+}
+SEEDS = [1, 2]
+
+
+def final_acc(run_dir: Path) -> float:
+    rows = [r for r in read_metrics(run_dir) if "test_acc" in r]
+    return rows[-1]["test_acc"]
+
+
+def run_experiment(name: str) -> list[str]:
+    config, overrides, grid = EXPERIMENTS[name]
+    spec = {"config": config, "name": name, "root": ROOT, "nproc": 1, "overrides": overrides, "grid": grid}
+    runs = expand(spec)
+    print(f"== {name}: grid of {len(runs)} runs on seed 0", flush=True)
+    run_local(runs, 1)
+    best = {}
+    for run in runs:
+        if not (run.run_dir / "summary.json").is_file():
+            continue
+        algo = next(a.split("=", 1)[1] for a in run.args if a.startswith("algorithm.name="))
+        acc = final_acc(run.run_dir)
+        if algo not in best or acc > best[algo][1]:
+            best[algo] = (run, acc)
+    selected = []
+    for algo, (run, acc) in best.items():
+        print(f"   best {algo}: {run.name} (seed 0 final test acc {acc:.4f})", flush=True)
+        pairs = [a.split("=", 1) for a in run.args[1 + len(overrides):]]
+        grid_point = {k: [yaml.safe_load(v)] for k, v in pairs if k.startswith("algorithm.")}
+        seeds = expand({**spec, "grid": [{**grid_point, "seed": SEEDS}]})
+        run_local(seeds, 1)
+        selected += [str(run.run_dir)] + [str(s.run_dir) for s in seeds]
+    (Path(ROOT) / name / "selected.json").write_text(json.dumps(selected, indent=1))
+    return selected
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("experiments", nargs="+", choices=list(EXPERIMENTS))
+    for exp in p.parse_args().experiments:
+        run_experiment(exp)
+    sys.exit(0)

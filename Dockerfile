@@ -1,0 +1,25 @@
+# dist_gradalign on an official PyTorch CUDA image (torch 2.5.1, CUDA 12.4, cuDNN 9; the
+# package accepts torch>=2.1, so the image's own torch and torchvision are kept).
+#
+#   docker build -t dist-gradalign .
+#   docker run --gpus all --ipc=host -e NPROC_PER_NODE=8 -e WANDB_API_KEY \
+#       -v $PWD/data:/workspace/data -v $PWD/runs:/workspace/runs \
+#       dist-gradalign train configs/paper/cifar10-iid-fedga.yaml
+#
+# The entry point runs `torchrun --standalone --nproc_per_node $NPROC_PER_NODE -m dist_gradalign ARGS`.
+FROM pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    NPROC_PER_NODE=1
+
+WORKDIR /workspace
+COPY setup.cfg pyproject.toml README.md ./
+COPY dist_gradalign ./dist_gradalign
+RUN pip install . && python -c "import dist_gradalign, torch; print('dist_gradalign on torch', torch.__version__)"
+COPY configs ./configs
+COPY slurm ./slurm
+
+ENTRYPOINT ["/bin/sh", "-c", "exec torchrun --standalone --nproc_per_node \"$NPROC_PER_NODE\" -m dist_gradalign \"$@\"", "dist-gradalign"]
+CMD ["--help"]

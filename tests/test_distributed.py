@@ -21,7 +21,7 @@ WORLDS = (1, 2, 4)
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -85,12 +85,14 @@ def test_end_to_end_cli_beats_chance(tmp_path):
                    f"  local_batch_size: 32\n  full_grad_batch: 256\n  beta: 0.05\n  weight_decay: 0.001\n")
     proc = torchrun(2, "-m", "dist_gradalign", "train", str(cfg), *data.split(),
                     "partition.scheme=iid", f"partition.num_clients={clients}", "train.clients_per_round=10",
-                    f"train.rounds={rounds}", "train.eval_every=5", timeout=600)
+                    f"train.rounds={rounds}", "train.eval_every=5", "logging.wandb.enabled=true",
+                    "logging.wandb.mode=offline", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = run_dir_rows(tmp_path / "run")
     assert len(rows) == rounds and rows[-1]["comm_rounds"] == 2 * rounds
     acc = rows[-1]["test_acc"]
     assert acc > 10 * chance or acc > 0.5, f"test accuracy {acc} vs chance {chance}"
     assert "fedga: 15 rounds" in proc.stdout
-    for f in ("config.yaml", "partition.json", "metrics.jsonl", "model.pt", "summary.json"):
+    for f in ("config.yaml", "partition.json", "metrics.jsonl", "model.pt", "summary.json", "wandb_run_id"):
         assert (tmp_path / "run" / f).is_file(), f
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1, "rank 0 alone logs to W&B"

@@ -1,9 +1,11 @@
 """Real-data accuracy benchmark on these 2-core machines (BENCHMARKS.md).
 
 For each experiment: a small grid search on seed 0 (through the project's own sweep code:
-torchrun, one rank), the best configuration per algorithm by final test accuracy (as the paper
-reports its grid-searched best), then seeds 1 and 2 of that configuration, then
-``dist-gradalign report`` on the selected runs (table + plots).
+torchrun, one rank): the learning rate of the first-listed baselines, then each method's own
+hyperparameter (mu, beta) at the baseline's best learning rate; the best configuration per
+algorithm by final test accuracy (as the paper reports its grid-searched best); then seeds 1
+and 2 of that configuration. ``dist-gradalign report`` on the runs listed in
+``runs/bench/<experiment>/selected.json`` makes the tables and plots.
 
     python bench/accuracy.py emnist47-het emnist47-iid datacenter   # all: about 75 minutes here
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import yaml
 
+from dist_gradalign.config import load_config
 from dist_gradalign.summary import read_metrics
 from dist_gradalign.sweep import expand, run_local
 
@@ -25,23 +28,23 @@ ROOT = "runs/bench"
 # CPU-sized federated round: K = 10 local steps of 32 samples, g_i on 200 samples, 100 rounds.
 FED = ["train.rounds=100", "train.eval_every=10", "algorithm.local_steps=10", "algorithm.local_batch_size=32",
        "algorithm.full_grad_batch=200"]
-FED_GRID = [
-    {"algorithm.name": ["fedavg", "scaffold"], "algorithm.lr": [0.05, 0.1], "seed": [0]},
-    {"algorithm.name": ["fedprox"], "algorithm.lr": [0.05, 0.1], "algorithm.mu": [0.01, 0.1], "seed": [0]},
-    {"algorithm.name": ["fedga"], "algorithm.lr": [0.05, 0.1], "algorithm.beta": [0.01, 0.05], "seed": [0]},
-]
+# Stage 1: the learning rate for fedavg and scaffold; stage 2: fedprox's mu and fedga's beta at
+# fedavg's best learning rate (a small grid that fits these machines).
+FED_GRID = [{"algorithm.name": ["fedavg", "scaffold"], "algorithm.lr": [0.05, 0.1], "seed": [0]}]
+FED_STAGE2 = [{"algorithm.name": ["fedprox"], "algorithm.mu": [0.01, 0.1], "seed": [0]},
+              {"algorithm.name": ["fedga"], "algorithm.beta": [0.01, 0.05], "seed": [0]}]
 # Datacenter: 8 workers (one IID shard each), every worker in every update, 8 x 64 = 512 samples
 # per update, 300 updates; GradAlign against large-batch SGD.
 DC = ["partition.scheme=iid", "partition.num_clients=8", "train.clients_per_round=8", "train.rounds=300",
       "train.eval_every=10", "algorithm.local_steps=1", "algorithm.local_batch_size=64"]
 DC_GRID = [
     {"algorithm.name": ["lbsgd"], "algorithm.lr": [0.1, 0.2], "seed": [0]},
-    {"algorithm.name": ["gradalign"], "algorithm.lr": [0.1, 0.2], "algorithm.beta": [0.05, 0.2], "seed": [0]},
 ]
+DC_STAGE2 = [{"algorithm.name": ["gradalign"], "algorithm.beta": [0.05, 0.2], "seed": [0]}]
 EXPERIMENTS = {
-    "emnist47-het": ("configs/offline/emnist-het-fedavg.yaml", FED, FED_GRID),
-    "emnist47-iid": ("configs/offline/emnist-iid-fedavg.yaml", FED, FED_GRID),
-    "datacenter": ("configs/offline/emnist-iid-fedavg.yaml", DC, DC_GRID),
+    "emnist47-het": ("configs/offline/emnist-het-fedavg.yaml", FED, FED_GRID, FED_STAGE2),
+    "emnist47-iid": ("configs/offline/emnist-iid-fedavg.yaml", FED, FED_GRID, FED_STAGE2),
+    "datacenter": ("configs/offline/emnist-iid-fedavg.yaml", DC, DC_GRID, DC_STAGE2),
 }
 SEEDS = [1, 2]
 
@@ -51,12 +54,8 @@ def final_acc(run_dir: Path) -> float:
     return rows[-1]["test_acc"]
 
 
-def run_experiment(name: str) -> list[str]:
-    config, overrides, grid = EXPERIMENTS[name]
-    spec = {"config": config, "name": name, "root": ROOT, "nproc": 1, "overrides": overrides, "grid": grid}
-    runs = expand(spec)
-    print(f"== {name}: grid of {len(runs)} runs on seed 0", flush=True)
-    run_local(runs, 1)
+def _best(runs) -> dict:
+    """Per algorithm: (run, final test accuracy) of the best finished run."""
     best = {}
     for run in runs:
         if not (run.run_dir / "summary.json").is_file():
@@ -65,6 +64,25 @@ def run_experiment(name: str) -> list[str]:
         acc = final_acc(run.run_dir)
         if algo not in best or acc > best[algo][1]:
             best[algo] = (run, acc)
+    return best
+
+
+def _lr(run) -> float:
+    return float(load_config(run.args[0], run.args[1:]).algorithm.lr)
+
+
+def run_experiment(name: str) -> list[str]:
+    config, overrides, grid, stage2 = EXPERIMENTS[name]
+    spec = {"config": config, "name": name, "root": ROOT, "nproc": 1, "overrides": overrides, "grid": grid}
+    runs = expand(spec)
+    print(f"== {name}: stage 1, {len(runs)} runs on seed 0", flush=True)
+    run_local(runs, 1)
+    lr = _lr(_best(runs)[next(iter(_best(runs)))][0])  # the first algorithm's (lbsgd/fedavg) best lr
+    stage2_grid = [{**{k: v for k, v in g.items() if k != "seed"}, "algorithm.lr": [lr], "seed": [0]} for g in stage2]
+    stage2_runs = expand({**spec, "grid": stage2_grid})
+    print(f"== {name}: stage 2 at lr {lr}, {len(stage2_runs)} runs on seed 0", flush=True)
+    run_local(stage2_runs, 1)
+    best = _best(runs + stage2_runs)
     selected = []
     for algo, (run, acc) in best.items():
         print(f"   best {algo}: {run.name} (seed 0 final test acc {acc:.4f})", flush=True)

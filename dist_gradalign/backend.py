@@ -44,7 +44,9 @@ class Backend:
         else:
             dev = torch.device("cpu")
             # Oversubscribed intra-op threads slow CPU runs 4-18x (DESIGN.md section 2).
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+            # Count the CPUs this process may use (SLURM/cgroups binding), not the machine's.
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            torch.set_num_threads(max(1, cores // max(1, local_world)))
         if world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout_s),
@@ -72,6 +74,22 @@ class Backend:
         if self.world_size > 1:
             dist.broadcast(buf, src)
         return buf
+
+    def broadcast_object(self, obj, src: int = 0):
+        """``obj`` from rank ``src`` on every rank (pickled; for small control data)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+
+    def gather_object(self, obj) -> list:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def barrier(self) -> None:
         if self.world_size > 1:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .config import ConfigError
 
+EXIT_REQUEUE = 75  # checkpointed after SIGTERM/SIGUSR1: requeue the job (slurm/common.sh does)
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dist-gradalign", description="GradAlign, FedGA and baselines on torch.distributed")
@@ -18,7 +20,9 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train one run (under torchrun for several ranks)")
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algorithm.beta=0.05 train.rounds=100")
-    t.add_argument("--overwrite", action="store_true", help="replace a finished run in run_dir")
+    t.add_argument("--overwrite", action="store_true", help="start again, replacing the run in run_dir")
+    t.add_argument("--resume", choices=("auto", "never"), default="auto",
+                   help="auto (default): continue from the newest good checkpoint in run_dir if there is one")
     s = sub.add_parser("summary", help="compare finished runs side by side")
     s.add_argument("run_dirs", nargs="+")
     s.add_argument("--target", type=float, default=None,
@@ -63,13 +67,14 @@ def _sweep(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    from .checkpoint import CheckpointError
     from .data import DataError
-    from .engine import DivergenceError, RunDirError
+    from .engine import DivergenceError, Preempted, RunDirError
     try:
         if args.command == "train":
             from .config import load_config
             from .engine import train
-            train(load_config(args.config, args.overrides), overwrite=args.overwrite)
+            train(load_config(args.config, args.overrides), overwrite=args.overwrite, resume=args.resume)
         elif args.command == "sweep":
             return _sweep(args)
         elif args.command == "report":
@@ -79,11 +84,19 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .summary import summarize
             print(summarize(args.run_dirs, args.target))
-    except (ConfigError, DataError, RunDirError, DivergenceError, FileNotFoundError) as e:
+    except Preempted as e:
+        if is_main:
+            print(f"preempted: {e}", file=sys.stderr)
+        return EXIT_REQUEUE
+    except DivergenceError as e:
+        if is_main or e.local:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, DataError, RunDirError, CheckpointError, FileNotFoundError) as e:
         if is_main:
             kind = "config error" if isinstance(e, ConfigError) else "error"
             print(f"{kind}: {e}", file=sys.stderr)
-        return 1 if isinstance(e, DivergenceError) else 2
+        return 2
     return 0
 
 

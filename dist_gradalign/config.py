@@ -84,6 +84,8 @@ class TrainConfig:
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     precision: str = _opt("float32", choices=("float32", "float64"))
     progress: bool = True
+    checkpoint_every: int = _opt(25, ge=0)  # rounds between checkpoints (0: only at the end and on signals)
+    keep_checkpoints: int = _opt(3, ge=1)
 
 
 @dataclass

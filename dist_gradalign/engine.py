@@ -1,31 +1,42 @@
-"""The round loop: sample clients, run the algorithm's two phases, evaluate, log.
+"""The round loop: sample clients, run the algorithm's two phases, evaluate, log, checkpoint.
 
 Every rank computes; rank 0 alone writes the run directory (DESIGN.md section 5):
-``config.yaml``, ``partition.json``, ``metrics.jsonl`` (one row per round), ``summary.json``
-and ``model.pt``.
+``config.yaml``, ``partition.json``, ``metrics.jsonl`` (one row per round), ``checkpoints/``,
+``summary.json`` and ``model.pt``.
 """
 from __future__ import annotations
 
 import json
-import math
+import signal
+import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from . import checkpoint
 from .algorithms import build_algorithm
 from .backend import Backend
 from .config import Config, ConfigError, dump_config
 from .data import load_dataset, partition, sample_clients
 from .executor import SequentialExecutor, batch_size_of
 from .models import FlatModel, build_model, evaluate_sums
-from .tracking import start_tracker
+from .tracking import ID_FILE, start_tracker
 
 
 class DivergenceError(RuntimeError):
-    """A loss or the parameters became NaN or infinite."""
+    """A loss, gradient or parameter became NaN or infinite. ``local``: this rank saw it."""
+
+    def __init__(self, message: str, local: bool = True):
+        super().__init__(message)
+        self.local = local
+
+
+class Preempted(RuntimeError):
+    """The run checkpointed and stopped after SIGTERM/SIGUSR1; the same command resumes it."""
 
 
 class RunDirError(RuntimeError):
@@ -38,6 +49,7 @@ class Counters:
     comm_rounds: int = 0
     updates: int = 0
     samples: int = 0
+    time: float = 0.0  # wall seconds of training, continued across resumes
 
 
 @dataclass
@@ -72,6 +84,9 @@ class Trainer:
         self.executor = SequentialExecutor(self.fm, self.x_train, self.y_train, shards, cfg.seed,
                                            cfg.data.augment, cfg.train.micro_batch_size)
         self.counters = Counters()
+        self.last_row: dict = {}
+        self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
+        self.stop_agreed = False  # some rank asked: all stop after this round
 
     # ------------------------------------------------------------------ one round
     def round_clients(self, rnd: int) -> list[int]:
@@ -92,6 +107,7 @@ class Trainer:
     def run_round(self, rnd: int) -> dict:
         """One round of the algorithm (DESIGN.md section 1); returns the metrics row."""
         be, algo, x = self.backend, self.algo, self.x
+        self.executor.diverged = None
         clients = self.round_clients(rnd)
         total = sum(self.sizes[c] for c in clients)
         weights = {c: self.sizes[c] / total for c in clients}  # w_i = n_i / sum_j n_j
@@ -104,9 +120,19 @@ class Trainer:
             g_locals = self.executor.client_grads(algo, rnd, mine, weights, x, gbuf)
             g = be.all_reduce_(gbuf)
 
-        buf = torch.zeros(n + 2, dtype=x.dtype, device=x.device)
+        # [sum_i w_i y_i | train loss | sum_i w_i ||g_i - g||^2 | stop requested | diverged]
+        buf = torch.zeros(n + 4, dtype=x.dtype, device=x.device)
         self.executor.local_updates(algo, rnd, mine, weights, x, g, g_locals, buf)
+        buf[n + 2] = float(self.stop_requested)
+        buf[n + 3] = float(self.executor.diverged is not None)
         be.all_reduce_(buf)
+        if buf[n + 3] > 0:
+            where = (f"{self.executor.diverged} (rank {be.rank})" if self.executor.diverged
+                     else "a loss, gradient or parameter of a client on another rank (that rank names it)")
+            raise DivergenceError(f"round {rnd}: {where} is not finite; the last good checkpoint is kept in "
+                                  f"{Path(self.cfg.run_dir) / 'checkpoints'}; lower algorithm.lr (now {algo.cfg.lr})",
+                                  local=self.executor.diverged is not None)
+        self.stop_agreed = bool(buf[n + 2] > 0)
         algo.server_step(x, buf[:n])
 
         c = self.counters
@@ -120,10 +146,9 @@ class Trainer:
             r = 0.5 * float(buf[n + 1])  # r(x) = 1/2 sum_i w_i ||g_i - g||^2
             row["grad_variance"] = r
             row["grad_variance_normalized"] = r / max(float(g.pow(2).sum()), 1e-30)
-        if not math.isfinite(row["train_loss"]) or not bool(torch.isfinite(x).all()):
-            raise DivergenceError(f"round {rnd}: the training loss is {row['train_loss']} and the parameters "
-                                  f"are {'finite' if torch.isfinite(x).all() else 'not finite'}; "
-                                  f"lower algorithm.lr (now {algo.cfg.lr})")
+        if not bool(torch.isfinite(x).all()):  # e.g. overflow in the server step
+            raise DivergenceError(f"round {rnd}: the global parameters x are not finite after the server step; "
+                                  f"lower algorithm.lr (now {algo.cfg.lr}) or algorithm.server_lr")
         return row
 
     def evaluate(self) -> tuple[float, float]:
@@ -134,29 +159,106 @@ class Trainer:
         correct, loss, count = sums.tolist()
         return correct / count, loss / count
 
+    # ------------------------------------------------------------------ checkpoints
+    def _prepare(self, run_dir: Path, ckpt_dir: Path, overwrite: bool, resume: str) -> Optional[dict]:
+        """Rank 0: make the run directory ready; return the checkpoint state to resume from."""
+        cfg = self.cfg
+        _check_writable(run_dir)
+        if overwrite:
+            for name in ("metrics.jsonl", "summary.json", "model.pt"):
+                (run_dir / name).unlink(missing_ok=True)
+            for old in checkpoint.list_checkpoints(ckpt_dir):
+                old.unlink()
+                old.with_suffix(".pt.sha256").unlink(missing_ok=True)
+        latest = None if overwrite or resume == "never" else checkpoint.load_latest(ckpt_dir)
+        if latest:
+            path, state = latest
+            diffs = checkpoint.config_differences(state["config"], cfg.to_dict())
+            if diffs:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {str(path)!r} was made with another config ({'; '.join(diffs)}): resume with "
+                    "the original config, or choose another run_dir, or pass --overwrite to start again")
+            _truncate_metrics(run_dir / "metrics.jsonl", state["round"])
+            print(f"resuming from {path} (round {state['round']})", flush=True)
+        elif (run_dir / "metrics.jsonl").exists():
+            if resume == "never" or (run_dir / "summary.json").exists():
+                raise RunDirError(f"run_dir = {str(run_dir)!r} already holds a run (metrics.jsonl) and no usable "
+                                  "checkpoint to resume from; choose another run_dir or pass --overwrite")
+            print(f"warning: {run_dir} holds an unfinished run without a usable checkpoint; "
+                  "starting again from round 1", file=sys.stderr, flush=True)
+            (run_dir / "metrics.jsonl").unlink()
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        (run_dir / "partition.json").write_text(json.dumps(
+            {"scheme": cfg.partition.scheme, "clients": {str(i): s.tolist() for i, s in enumerate(self.shards_np)}}))
+        return latest[1] if latest else None
+
+    def _restore(self, state: dict) -> None:
+        be = self.backend
+        self.x.copy_(state["x"])
+        self.algo.load_state_dict(state["algorithm"], self.x.device)
+        self.counters = Counters(**state["counters"])
+        be.bytes_sent = state["bytes"]
+        self.last_row = state["last_row"]
+        if state["world_size"] == be.world_size:
+            checkpoint.set_rng_state(state["rng"][be.rank])
+        elif be.is_main:  # the trajectory does not depend on them: clients seed their own
+            print(f"note: checkpoint made with {state['world_size']} ranks, resumed with {be.world_size}: "
+                  "process RNG states not restored (training randomness is per client)", flush=True)
+
+    def _checkpoint(self, ckpt_dir: Path) -> Optional[Path]:
+        """Every rank contributes its RNG states; rank 0 writes."""
+        be = self.backend
+        rngs = be.gather_object(checkpoint.rng_state())
+        if not be.is_main:
+            return None
+        id_file = Path(self.cfg.run_dir) / ID_FILE
+        state = {"round": self.counters.round, "x": self.x.detach().cpu(), "algorithm": self.algo.state_dict(),
+                 "counters": asdict(self.counters), "bytes": be.bytes_sent, "rng": rngs,
+                 "world_size": be.world_size, "config": self.cfg.to_dict(), "last_row": self.last_row,
+                 "wandb_id": id_file.read_text().strip() if id_file.is_file() else None}
+        return checkpoint.save(ckpt_dir, state, self.cfg.train.keep_checkpoints)
+
     # ------------------------------------------------------------------ the run
-    def fit(self, overwrite: bool = False) -> dict:
+    def fit(self, overwrite: bool = False, resume: str = "auto") -> dict:
+        """Run (or resume) the rounds. Rank 0 writes the run directory and checkpoints every
+        ``train.checkpoint_every`` rounds, at the end, and at the round boundary after SIGTERM or
+        SIGUSR1 (then raises :class:`Preempted`)."""
         cfg, be = self.cfg, self.backend
         run_dir = Path(cfg.run_dir)
+        ckpt_dir = run_dir / "checkpoints"
+        decision: tuple = ("ok", None)
         if be.is_main:
-            _prepare_run_dir(run_dir, overwrite)
-            (run_dir / "config.yaml").write_text(dump_config(cfg))
-            (run_dir / "partition.json").write_text(json.dumps(
-                {"scheme": cfg.partition.scheme, "clients": {str(i): s.tolist() for i, s in enumerate(self.shards_np)}}))
-        be.barrier()
-        metrics = open(run_dir / "metrics.jsonl", "w") if be.is_main else None
+            try:
+                decision = ("ok", self._prepare(run_dir, ckpt_dir, overwrite, resume))
+            except (RunDirError, checkpoint.CheckpointError) as e:
+                decision = ("error", e)
+        decision = be.broadcast_object(decision)
+        if decision[0] == "error":
+            raise decision[1]
+        if decision[1] is not None:
+            self._restore(decision[1])
+        if self.counters.round >= cfg.train.rounds:
+            if be.is_main:
+                print(f"{run_dir}: finished at round {self.counters.round}; nothing to do "
+                      "(raise train.rounds to continue, or pass --overwrite)", flush=True)
+            return self._summary()
+
+        metrics = open(run_dir / "metrics.jsonl", "a") if be.is_main else None
         tracker = start_tracker(cfg, run_dir, fresh=overwrite) if be.is_main else None
         bar = None
         if be.is_main and cfg.train.progress:
             from tqdm import tqdm
-            bar = tqdm(total=cfg.train.rounds, desc=f"{cfg.algorithm.name}", unit="round", dynamic_ncols=True)
-        start, row = time.perf_counter(), {}
+            bar = tqdm(total=cfg.train.rounds, initial=self.counters.round, desc=cfg.algorithm.name,
+                       unit="round", dynamic_ncols=True)
+        handlers = _install_stop_handlers(self)
+        start = time.perf_counter() - self.counters.time
         try:
-            for rnd in range(1, cfg.train.rounds + 1):
+            for rnd in range(self.counters.round + 1, cfg.train.rounds + 1):
                 row = self.run_round(rnd)
                 if rnd % cfg.train.eval_every == 0 or rnd == cfg.train.rounds:
                     row["test_acc"], row["test_loss"] = self.evaluate()
-                row["time"] = time.perf_counter() - start
+                row["time"] = self.counters.time = time.perf_counter() - start
+                self.last_row = row
                 if metrics:
                     metrics.write(json.dumps(row) + "\n")
                     metrics.flush()
@@ -164,22 +266,24 @@ class Trainer:
                     tracker.log(row)
                 if bar:
                     bar.update(1)
-                    post = {"loss": f"{row['train_loss']:.4f}"}
-                    if "test_acc" in row:
-                        post["acc"] = f"{row['test_acc']:.4f}"
-                    bar.set_postfix(post, refresh=False)
+                    bar.set_postfix({k: f"{row[k]:.4f}" for k in ("train_loss", "test_acc") if k in row}, refresh=False)
+                every = cfg.train.checkpoint_every
+                if self.stop_agreed or (every and rnd % every == 0) or rnd == cfg.train.rounds:
+                    path = self._checkpoint(ckpt_dir)
+                    if self.stop_agreed and rnd < cfg.train.rounds:
+                        raise Preempted(f"stopped by a signal after round {rnd} of {cfg.train.rounds}; "
+                                        f"checkpoint {path or ckpt_dir}; run the same command again to resume")
         except BaseException:
             if tracker:
                 tracker.finish(None, exit_code=1)
             raise
         finally:
+            _restore_handlers(handlers)
             if bar:
                 bar.close()
             if metrics:
                 metrics.close()
-        summary = {k: row[k] for k in ("round", "comm_rounds", "updates", "samples", "bytes",
-                                        "train_loss", "test_acc", "test_loss", "time")}
-        summary["algorithm"] = cfg.algorithm.name
+        summary = self._summary()
         if tracker:
             tracker.finish(summary)
         if be.is_main:
@@ -191,11 +295,38 @@ class Trainer:
                   f"{summary['time']:.1f}s, {be.world_size} rank(s) -> {run_dir}", flush=True)
         return summary
 
+    def _summary(self) -> dict:
+        row = self.last_row
+        summary = {k: row.get(k) for k in ("round", "comm_rounds", "updates", "samples", "bytes",
+                                            "train_loss", "test_acc", "test_loss", "time")}
+        summary["algorithm"] = self.cfg.algorithm.name
+        return summary
 
-def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
-    if (run_dir / "metrics.jsonl").exists() and not overwrite:
-        raise RunDirError(f"run_dir = {str(run_dir)!r} already holds a run (metrics.jsonl); "
-                          "choose another run_dir or pass --overwrite")
+
+def _install_stop_handlers(trainer: Trainer) -> dict:
+    """SIGTERM and SIGUSR1 (SLURM's warning before preemption) ask for a checkpoint and a stop at
+    the next round boundary; the ranks agree on it through the round's all-reduce."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    def request_stop(signum, frame):
+        trainer.stop_requested = True
+    return {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+
+
+def _restore_handlers(handlers: dict) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+def _truncate_metrics(path: Path, last_round: int) -> None:
+    """Drop the rows after the checkpoint's round: the resumed run writes them again."""
+    if not path.is_file():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["round"] <= last_round]
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+def _check_writable(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -205,11 +336,11 @@ def _prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         raise RunDirError(f"run_dir = {str(run_dir)!r} is not writable: {e.strerror or e}") from None
 
 
-def train(cfg: Config, overwrite: bool = False, backend: Optional[Backend] = None) -> dict:
+def train(cfg: Config, overwrite: bool = False, resume: str = "auto", backend: Optional[Backend] = None) -> dict:
     """Run a whole training job (the ``train`` command)."""
     be = backend or Backend.from_env(cfg.train.device)
     try:
-        return Trainer(cfg, be).fit(overwrite)
+        return Trainer(cfg, be).fit(overwrite, resume)
     finally:
         if backend is None:
             be.shutdown()

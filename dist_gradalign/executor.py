@@ -60,6 +60,7 @@ class SequentialExecutor:
                  shards: list[torch.Tensor], seed: int, augment: str, micro_batch: int | None):
         self.fm, self.x_train, self.y_train = fm, x_train, y_train
         self.shards, self.seed, self.augment, self.micro_batch = shards, seed, augment, micro_batch
+        self.diverged: str | None = None  # the first non-finite quantity seen this round
 
     def _grad(self, rnd: int, cid: int, positions: torch.Tensor, aug_step: int) -> torch.Tensor:
         """Loss and gradient (left in fm.grads) of client ``cid`` on the given shard positions."""
@@ -86,6 +87,8 @@ class SequentialExecutor:
             with torch.enable_grad():
                 self._grad(rnd, cid, positions, aug_step)
             out[cid] = self.fm.grads.clone()
+            if self.diverged is None and not bool(torch.isfinite(out[cid]).all()):
+                self.diverged = f"client {cid}: its gradient g_i at x"
             buf[:x.numel()].add_(out[cid], alpha=weights[cid])
         return out
 
@@ -94,7 +97,8 @@ class SequentialExecutor:
                       x: torch.Tensor, g: torch.Tensor | None, g_locals: dict[int, torch.Tensor],
                       buf: torch.Tensor) -> None:
         """Each client's K local steps from x. Adds w_i y_i into ``buf[:n]``, the weighted
-        mean local loss into ``buf[n]`` and, where g is known, w_i ||g_i - g||^2 into ``buf[n+1]``."""
+        mean local loss into ``buf[n]`` and, where g is known, w_i ||g_i - g||^2 into ``buf[n+1]``.
+        A non-finite loss or parameter is recorded in ``self.diverged`` (naming the client)."""
         n_params, lr, fm = x.numel(), algo.cfg.lr, self.fm
         steps = algo.local_steps()
         for cid in clients:
@@ -111,6 +115,11 @@ class SequentialExecutor:
                 grad = fm.grads
                 algo.local_direction(state, y, grad)
                 y.sub_(grad, alpha=lr)
+            if self.diverged is None:  # one host sync per client, not per step
+                if not bool(torch.isfinite(loss_sum)):
+                    self.diverged = f"client {cid}: its training loss ({float(loss_sum / steps)})"
+                elif not bool(torch.isfinite(y).all()):
+                    self.diverged = f"client {cid}: its parameters after {steps} local step(s)"
             buf[:n_params].add_(y, alpha=w)
             buf[n_params] += w * loss_sum / steps
             if state.g_i is not None:

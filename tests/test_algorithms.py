@@ -104,10 +104,11 @@ def test_matches_numpy_reference(tmp_path, name, server):
     assert [r["comm_rounds"] for r in rows] == [k * (2 if name in ("scaffold", "fedga", "gradalign") else 1)
                                                for k in (1, 2, 3)]
     assert [r["updates"] for r in rows] == [k * (1 if name in ("lbsgd", "gradalign") else 3) for k in (1, 2, 3)]
-    # one flat all-reduce per communication: x-sized (+2 scalars: loss, variance), plus g for the
+    # one flat all-reduce per communication: x-sized (+4 scalars: loss, variance, stop and
+    # divergence flags), plus g for the
     # two-round algorithms, in float64 (evaluation traffic is not training payload)
     n = W.size
-    per_round = 8 * ((n + 2) + (n if name in ("scaffold", "fedga", "gradalign") else 0))
+    per_round = 8 * ((n + 4) + (n if name in ("scaffold", "fedga", "gradalign") else 0))
     assert [r["bytes"] for r in rows] == [per_round, 2 * per_round, 3 * per_round]
 
 

@@ -108,7 +108,15 @@ def test_resolved_config_written_and_module_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr
     written = load_config(tmp_path / "run" / "config.yaml")
     assert written.algorithm.lr == 0.2 and written.train.rounds == 2
-    # a second run into the same directory refuses instead of overwriting
+    # the same command again finds the finished run's checkpoint and does nothing
+    proc = subprocess.run([sys.executable, "-m", "dist_gradalign", "train", str(cfg), "algorithm.lr=0.2"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "nothing to do" in proc.stdout
+    # another config in the same run_dir is refused, naming the difference
     proc = subprocess.run([sys.executable, "-m", "dist_gradalign", "train", str(cfg)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "another config (algorithm.lr: 0.2 in the checkpoint, 0.05 now)" in proc.stderr
+    # without resuming it refuses to overwrite
+    proc = subprocess.run([sys.executable, "-m", "dist_gradalign", "train", str(cfg), "--resume", "never"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr

@@ -57,6 +57,14 @@ class Algorithm:
         if self.cfg.weight_decay:
             grad.add_(y, alpha=self.cfg.weight_decay)
 
+    def state_dict(self) -> dict:
+        """The server state carried across rounds (for checkpoints)."""
+        return {"momentum": None if self.momentum is None else self.momentum.detach().cpu()}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        m = state["momentum"]
+        self.momentum = None if m is None else m.to(device)
+
     @torch.no_grad()
     def server_step(self, x: torch.Tensor, avg: torch.Tensor) -> None:
         """x <- x + eta_s (sum_i w_i y_i - x), with optional server momentum (FedAvgM):

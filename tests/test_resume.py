@@ -1,0 +1,216 @@
+"""Checkpoints and exact resume, preemption by signal, rank failure under torchrun, divergence."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dist_gradalign import checkpoint
+from dist_gradalign.data import partition, sample_clients
+from dist_gradalign.engine import DivergenceError, Preempted, Trainer
+
+from util import REPO, base_config, load_params, run_dir_rows, write_npz
+
+ALGOS = {
+    "lbsgd": {"local_steps": 1},
+    "fedavg": {"server_momentum": 0.5, "server_lr": 0.8},
+    "fedprox": {"mu": 0.1},
+    "scaffold": {},
+    "fedga": {"beta": 0.1},
+    "gradalign": {"local_steps": 1, "beta": 0.1},
+}
+
+
+def _cfg(root, name, rounds=6, **train):
+    algo = {"name": name, "lr": 0.1, "local_steps": 3, "local_batch_size": 16, "weight_decay": 1e-3, **ALGOS[name]}
+    return base_config(root, algorithm=algo, partition={"scheme": "dirichlet", "num_clients": 6, "alpha": 1.0},
+                       train={"rounds": rounds, "clients_per_round": 4, "eval_every": 2, "checkpoint_every": 2, **train})
+
+
+def _rows(run_dir):
+    return [{k: v for k, v in r.items() if k != "time"} for r in run_dir_rows(run_dir)]
+
+
+def _assert_same_run(a, b):
+    pa, pb = load_params(a), load_params(b)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa), "parameters are not bit-identical"
+    assert _rows(a) == _rows(b)
+
+
+def stop_after(t: Trainer, k: int) -> Trainer:
+    """Make ``t`` stop after round k as a preempted run does (the flag rides on round k's all-reduce)."""
+    run_round = t.run_round
+
+    def wrapped(rnd):
+        t.stop_requested = t.stop_requested or rnd == k
+        return run_round(rnd)
+    t.run_round = wrapped
+    return t
+
+
+@pytest.mark.parametrize("name", list(ALGOS))
+def test_stop_anywhere_and_resume_is_bit_identical(tmp_path, name):
+    whole = _cfg(tmp_path / "whole", name)
+    Trainer(whole).fit()
+    for stop in (1, 3, 4):  # before, between and on periodic checkpoints
+        cfg = _cfg(tmp_path / f"stop{stop}", name)
+        with pytest.raises(Preempted, match=f"after round {stop} of 6"):
+            stop_after(Trainer(cfg), stop).fit()
+        assert len(run_dir_rows(cfg.run_dir)) == stop
+        Trainer(cfg).fit()  # a new process would do the same: nothing carries over but the files
+        _assert_same_run(whole.run_dir, cfg.run_dir)
+
+
+def test_checkpoint_contents_and_retention(tmp_path):
+    cfg = _cfg(tmp_path, "fedavg", rounds=9, keep_checkpoints=2)
+    Trainer(cfg).fit()
+    files = checkpoint.list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    assert [f.name for f in files] == ["ckpt-00000008.pt", "ckpt-00000009.pt"]
+    state = torch.load(files[-1], weights_only=True)
+    assert state["round"] == 9 and state["counters"]["updates"] == 27 and state["world_size"] == 1
+    assert state["algorithm"]["momentum"] is not None  # server momentum is part of the state
+    assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
+    assert state["config"]["algorithm"]["server_momentum"] == 0.5
+
+
+def test_corrupted_checkpoint_is_skipped_for_the_previous_one(tmp_path, capsys):
+    whole = _cfg(tmp_path / "whole", "fedga")
+    Trainer(whole).fit()
+    cfg = _cfg(tmp_path / "part", "fedga")
+    with pytest.raises(Preempted):
+        stop_after(Trainer(cfg), 5).fit()  # checkpoints at rounds 2, 4 and 5
+    ckpts = checkpoint.list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    ckpts[-1].write_bytes(ckpts[-1].read_bytes()[:1000])  # truncated
+    data = bytearray(ckpts[-2].read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    ckpts[-2].write_bytes(bytes(data))
+    Trainer(cfg).fit()
+    err = capsys.readouterr()
+    assert err.err.count("checksum mismatch") == 2
+    assert "resuming from" in err.out and "ckpt-00000002.pt (round 2)" in err.out
+    _assert_same_run(whole.run_dir, cfg.run_dir)
+
+
+def test_signal_checkpoints_at_round_boundary_and_resumes(tmp_path):
+    whole = _cfg(tmp_path / "whole", "scaffold", checkpoint_every=0)
+    Trainer(whole).fit()
+    cfg = _cfg(tmp_path / "sig", "scaffold", checkpoint_every=0)
+    t = Trainer(cfg)
+    run_round = t.run_round
+
+    def round_then_signal(rnd):
+        row = run_round(rnd)
+        if rnd == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)  # SLURM's warning signal, delivered mid-training
+        return row
+    t.run_round = round_then_signal
+    with pytest.raises(Preempted, match="after round 4 of 6"):  # flag seen in round 4's all-reduce
+        t.fit()
+    assert [p.name for p in checkpoint.list_checkpoints(Path(cfg.run_dir) / "checkpoints")] == ["ckpt-00000004.pt"]
+    assert len(run_dir_rows(cfg.run_dir)) == 4
+    Trainer(cfg).fit()
+    _assert_same_run(whole.run_dir, cfg.run_dir)
+
+
+def test_divergence_names_round_client_and_quantity_and_keeps_checkpoint(tmp_path):
+    """One training sample is NaN: the first round that samples its client stops the run with
+    a message naming that round, that client and the quantity; the checkpoint before stays."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 1, 4)).astype(np.float32)
+    y = rng.integers(0, 3, size=80)
+    x[17] = np.nan
+    path = write_npz(tmp_path / "nan.npz", x, y, x[:10], y[:10])
+    cfg = base_config(tmp_path, source="npz", root=str(path), partition={"scheme": "iid", "num_clients": 8},
+                      algorithm={"name": "fedavg", "lr": 0.1, "local_steps": 2, "local_batch_size": "full"},
+                      train={"rounds": 30, "clients_per_round": 2, "checkpoint_every": 1})
+    bad_client = next(c for c, s in enumerate(partition(y, cfg.partition, cfg.seed)) if 17 in s)
+    bad_round = next(r for r in range(1, 31) if bad_client in sample_clients(cfg.seed, r, 8, 2))
+    assert bad_round > 1, "pick data where the bad client is not in round 1"
+    with pytest.raises(DivergenceError) as e:
+        Trainer(cfg).fit()
+    assert str(e.value).startswith(f"round {bad_round}: client {bad_client}: its training loss (nan) (rank 0) "
+                                   "is not finite; the last good checkpoint is kept in")
+    kept = checkpoint.list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    assert kept[-1].name == f"ckpt-{bad_round - 1:08d}.pt"
+    assert torch.isfinite(torch.load(kept[-1], weights_only=True)["x"]).all()
+    assert len(run_dir_rows(cfg.run_dir)) == bad_round - 1  # no row for the diverged round
+
+
+def _torchrun(args, env_extra=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _worker_pid(parent_cmd_marker: str, rank: int) -> int:
+    """The pid of the worker process with RANK=rank whose command line holds the marker."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if parent_cmd_marker in cmdline and "torch.distributed.run" not in cmdline and f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+def _wait_rows(run_dir: Path, n: int, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()[1][-2000:]}")
+        try:
+            if len(run_dir_rows(run_dir)) >= n:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for rounds")
+
+
+def _cli_cfg(tmp_path, name, **train):
+    path = tmp_path / f"{name}.yaml"
+    t = {"rounds": 30, "clients_per_round": 4, "eval_every": 5, "checkpoint_every": 4, "progress": False, **train}
+    path.write_text(f"run_dir: {tmp_path / name}\ndata: {{source: digits}}\nmodel: {{name: mlp, hidden: [64]}}\n"
+                    "partition: {num_clients: 8}\nalgorithm: {name: fedga, beta: 0.1, local_steps: 4, "
+                    f"local_batch_size: 32}}\ntrain: {t}\n".replace("'", ""))
+    return path
+
+
+def test_sigterm_to_one_rank_checkpoints_all_and_resumes_exactly(tmp_path):
+    ref = _torchrun(["-m", "dist_gradalign", "train", str(_cli_cfg(tmp_path, "ref"))])
+    assert ref.wait(300) == 0, ref.communicate()[1][-2000:]
+    cfg = _cli_cfg(tmp_path, "run")
+    proc = _torchrun(["-m", "dist_gradalign", "train", str(cfg)])
+    _wait_rows(tmp_path / "run", 6, proc)
+    os.kill(_worker_pid(str(cfg), rank=1), signal.SIGTERM)  # only rank 1 is told
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and "preempted: stopped by a signal after round" in err
+    stopped_at = len(run_dir_rows(tmp_path / "run"))
+    assert 6 <= stopped_at < 30
+    again = _torchrun(["-m", "dist_gradalign", "train", str(cfg)])
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-2000:]
+    assert f"round {stopped_at})" in out
+    _assert_same_run(tmp_path / "ref", tmp_path / "run")
+
+
+def test_killed_rank_restarts_group_and_resumes_exactly(tmp_path):
+    ref = _torchrun(["-m", "dist_gradalign", "train", str(_cli_cfg(tmp_path, "ref"))])
+    assert ref.wait(300) == 0, ref.communicate()[1][-2000:]
+    cfg = _cli_cfg(tmp_path, "run")
+    proc = _torchrun(["--max-restarts=1", "-m", "dist_gradalign", "train", str(cfg)])
+    _wait_rows(tmp_path / "run", 10, proc)
+    os.kill(_worker_pid(str(cfg), rank=1), signal.SIGKILL)  # a rank dies without warning
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "resuming from" in out
+    _assert_same_run(tmp_path / "ref", tmp_path / "run")

@@ -47,6 +47,13 @@ dga_activate_env() {
   command -v torchrun >/dev/null || dga_die "torchrun is not on PATH (activate an environment with torch, or set DIST_GRADALIGN_VENV)"
 }
 
+dga_signal_step() {  # SIGTERM to all processes of this job's running training step(s)
+  local steps
+  steps="$(squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -E '\.[0-9]+$')"
+  [ -n "$steps" ] || steps="${SLURM_JOB_ID}.0"
+  for step in $steps; do scancel --signal=TERM "$step" || true; done
+}
+
 dga_launch() {
   [ -n "${SLURM_JOB_ID:-}" ] || { dga_die "not inside a Slurm job: submit this script with sbatch"; return 1; }
   dga_activate_env || return 1
@@ -116,10 +123,34 @@ dga_launch() {
 
   # One torchrun per node (explicit --ntasks so an sbatch --ntasks-per-node=8 out of habit
   # does not start 8 agents per node); --kill-on-bad-exit ends every node when one fails.
+  # Preemption: Slurm sends SIGUSR1 to this batch shell (--signal=B:USR1@120) before the time
+  # limit; `scancel --batch --signal=USR1|TERM` does the same by hand. The trap sends SIGTERM to
+  # every process of the training step (not to srun, which would cancel the step at once): the
+  # torchrun agents pass it on and every rank sets its stop flag; the ranks agree at the next
+  # round boundary, checkpoint and exit. The job then requeues itself and the requeued job
+  # resumes from that checkpoint (`train` resumes by default).
+  DGA_PREEMPTED=0
+  trap 'DGA_PREEMPTED=1; dga_log "signal received: asking the ranks to checkpoint and stop"; dga_signal_step' USR1 TERM
   srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
     "${srun_extra[@]}" \
     torchrun --nnodes "$nnodes" --nproc_per_node "$nproc" \
       --rdzv_backend c10d --rdzv_endpoint "$addr:$port" --rdzv_id "$SLURM_JOB_ID" \
       "${torchrun_extra[@]}" \
-      -m dist_gradalign train "$@"
+      -m dist_gradalign train "$@" &
+  DGA_SRUN_PID=$!
+  local rc=0
+  wait "$DGA_SRUN_PID" || rc=$?
+  while kill -0 "$DGA_SRUN_PID" 2>/dev/null; do  # wait returns early when a trap fires
+    wait "$DGA_SRUN_PID" || rc=$?
+  done
+  trap - USR1 TERM
+  if [ "$DGA_PREEMPTED" = 1 ]; then
+    if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then
+      scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" && dga_log "requeued; it will resume from its checkpoint"
+    else
+      scontrol requeue "$SLURM_JOB_ID" && dga_log "requeued; it will resume from its checkpoint"
+    fi
+    return 0
+  fi
+  return "$rc"
 }

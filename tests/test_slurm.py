@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def test_sbatch_defaults():
     """The #SBATCH defaults users rely on (job name, one torchrun per node, output, requeue)."""
     train = (SLURM / "train.sbatch").read_text()
     for line in ("--ntasks-per-node=1", "--job-name=dist-gradalign", "--output=slurm-%x-%j.out",
-                 "--signal=USR1@120", "--requeue"):
+                 "--signal=B:USR1@120", "--requeue"):
         assert f"#SBATCH {line}\n" in train
     sweep = (SLURM / "sweep-array.sbatch").read_text()
     for line in ("--ntasks-per-node=1", "--output=slurm-%x-%A_%a.out", "--requeue"):
@@ -153,3 +154,47 @@ def test_sweep_array(cluster, tmp_path):
         resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert resolved["seed"] == seed
         assert resolved["model"]["hidden"] == ([16] if seed == 1 else [16, 8])
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, tmp_path):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit): every
+    rank checkpoints at the next round boundary, the job requeues itself, and the requeued job
+    resumes to the same final parameters and rows as a run left alone."""
+    import torch
+
+    spec = {**TINY, "model": {"name": "mlp", "hidden": [64]},
+            "algorithm": {"name": "fedga", "lr": 0.1, "beta": 0.1, "local_steps": 4, "local_batch_size": 32},
+            "train": {"rounds": 400, "clients_per_round": 4, "eval_every": 5, "checkpoint_every": 0,
+                      "progress": False}}
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
+    (tmp_path / "ref.yaml").write_text(yaml.safe_dump({**spec, "run_dir": str(ref_dir)}))
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**spec, "run_dir": str(run_dir)}))
+    venv = this_venv()
+    env = job_env(**({"DIST_GRADALIGN_VENV": str(venv)} if venv else {}))
+    rc, _ = sbatch_wait(["--export=ALL,NPROC_PER_NODE=2", str(SLURM / "train.sbatch"), str(tmp_path / "ref.yaml")],
+                        cwd=tmp_path, env=env, name=f"dga-test-ref-{uuid.uuid4().hex[:8]}")
+    assert rc == 0
+    name = f"dga-test-preempt-{uuid.uuid4().hex[:8]}"
+    sub = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", "--time=10", "--export=ALL,NPROC_PER_NODE=2",
+                          str(SLURM / "train.sbatch"), str(tmp_path / "run.yaml")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    job = sub.stdout.strip().split(";")[0]
+    assert job.isdigit(), sub.stderr
+    try:
+        deadline = time.time() + JOB_TIMEOUT
+        while time.time() < deadline and not ((run_dir / "metrics.jsonl").is_file() and len(rows(run_dir)) >= 20):
+            time.sleep(0.2)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
+        while time.time() < deadline and not (run_dir / "summary.json").is_file():
+            time.sleep(0.5)
+        assert (run_dir / "summary.json").is_file(), read_out(tmp_path / f"slurm-{name}-{job}.out")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    out = read_out(tmp_path / f"slurm-{name}-{job}.out")
+    assert "asking the ranks to checkpoint and stop" in out and "requeued" in out, out
+    assert "preempted: stopped by a signal after round" in out, out
+    assert "resuming from" in out, out  # the requeued job (appending to the same output file) resumed
+    a, b = torch.load(ref_dir / "model.pt", weights_only=True), torch.load(run_dir / "model.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "time"} for r in rs]  # noqa: E731
+    assert strip(rows(ref_dir)) == strip(rows(run_dir))

@@ -260,8 +260,7 @@ class Trainer:
                 row["time"] = self.counters.time = time.perf_counter() - start
                 self.last_row = row
                 if metrics:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
+                    _append(metrics, row)
                 if tracker:
                     tracker.log(row)
                 if bar:
@@ -316,6 +315,15 @@ def _install_stop_handlers(trainer: Trainer) -> dict:
 def _restore_handlers(handlers: dict) -> None:
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
+
+
+def _append(metrics, row: dict) -> None:
+    try:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+    except OSError as e:
+        raise RunDirError(f"cannot write {metrics.name!r}: {e.strerror or e}; the rows and checkpoints "
+                          "written before are kept: free space and run the same command to resume") from None
 
 
 def _truncate_metrics(path: Path, last_round: int) -> None:

@@ -61,6 +61,10 @@ class Trainer:
 
     def __post_init__(self) -> None:
         cfg, be = self.cfg, self.backend
+        if be.is_main and cfg.train.clients_per_round < be.world_size:
+            print(f"note: train.clients_per_round = {cfg.train.clients_per_round} < {be.world_size} ranks: "
+                  f"{be.world_size - cfg.train.clients_per_round} rank(s) hold no client in a round",
+                  file=sys.stderr, flush=True)
         dtype = torch.float64 if cfg.train.precision == "float64" else torch.float32
         data = load_dataset(cfg.data)
         self.num_classes = data.num_classes

@@ -1,5 +1,6 @@
 """W&B in offline mode, checked by reading back the run's own transaction log (no mocks)."""
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,24 @@ from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 from wandb.sdk.internal.datastore import DataStore  # noqa: E402
 
 
-def read_wandb_log(run_dir: Path) -> dict:
-    """Parse every record of the offline run's .wandb file(s) in run_dir/wandb."""
-    out = {"history": [], "config": {}, "runs": []}
+def read_wandb_log(run_dir: Path, timeout: float = 60.0) -> dict:
+    """Parse every record of the offline run's .wandb file(s) in run_dir/wandb, once each holds
+    its exit record (W&B's writer process may still be flushing after ``finish`` returns)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            out = _scan(run_dir)
+        except AssertionError:  # a record being written: its header is there, its body not yet
+            out = {"exits": 0, "files": 1}
+        if out["exits"] == out["files"] > 0 or time.time() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _scan(run_dir: Path) -> dict:
+    out = {"history": [], "config": {}, "runs": [], "exits": 0, "files": 0}
     for path in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        out["files"] += 1
         ds = DataStore()
         ds.open_for_scan(str(path))
         while (data := ds.scan_data()) is not None:
@@ -32,6 +47,8 @@ def read_wandb_log(run_dir: Path) -> dict:
                 out["runs"].append(rec.run)
                 for u in rec.run.config.update:
                     out["config"][u.key] = json.loads(u.value_json)
+            elif kind == "exit":
+                out["exits"] += 1
             elif kind == "config":
                 for u in rec.config.update:
                     out["config"][u.key] = json.loads(u.value_json)

@@ -66,7 +66,13 @@ class Trainer:
                   f"{be.world_size - cfg.train.clients_per_round} rank(s) hold no client in a round",
                   file=sys.stderr, flush=True)
         dtype = torch.float64 if cfg.train.precision == "float64" else torch.float32
-        data = load_dataset(cfg.data)
+        if cfg.data.download and be.world_size > 1:
+            # one download per node, then the other ranks read what it fetched
+            data = load_dataset(cfg.data) if be.local_rank == 0 else None
+            be.barrier()
+            data = data or load_dataset(cfg.data)
+        else:
+            data = load_dataset(cfg.data)
         self.num_classes = data.num_classes
         labels = data.y_train.numpy()
         self.shards_np = partition(labels, cfg.partition, cfg.seed)

@@ -96,3 +96,22 @@ def test_end_to_end_cli_beats_chance(tmp_path):
     for f in ("config.yaml", "partition.json", "metrics.jsonl", "model.pt", "summary.json", "wandb_run_id"):
         assert (tmp_path / "run" / f).is_file(), f
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1, "rank 0 alone logs to W&B"
+
+
+def test_torchvision_source_with_download_under_two_ranks(tmp_path):
+    """data.download=true under torchrun: local rank 0 fetches first, the others wait and read.
+    (The MNIST files are staged here, so torchvision finds them and downloads nothing.)"""
+    import numpy as np
+    from test_data import write_idx
+
+    rng = np.random.default_rng(0)
+    for split, n, name in (("train", 40, "train-{}-idx{}-ubyte"), ("test", 10, "t10k-{}-idx{}-ubyte")):
+        write_idx(tmp_path / "MNIST" / "raw" / name.format("images", 3), rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / "MNIST" / "raw" / name.format("labels", 1), rng.integers(0, 10, n))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"run_dir: {tmp_path / 'run'}\ndata: {{source: mnist, root: {tmp_path}, download: true}}\n"
+                   "model: {name: logreg}\npartition: {num_clients: 4}\nalgorithm: {local_steps: 1}\n"
+                   "train: {rounds: 2, clients_per_round: 4, progress: false}\n")
+    proc = torchrun(2, "-m", "dist_gradalign", "train", str(cfg), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(run_dir_rows(tmp_path / "run")) == 2

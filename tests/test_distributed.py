@@ -7,16 +7,8 @@ import sys
 import pytest
 import torch
 
-from util import EMNIST47, REPO, base_config, load_params, run_dir_rows
+from util import ALGOS, EMNIST47, REPO, base_config, load_params, run_dir_rows
 
-ALGOS = {
-    "lbsgd": {"local_steps": 1},
-    "fedavg": {"server_momentum": 0.5, "server_lr": 0.8},
-    "fedprox": {"mu": 0.1},
-    "scaffold": {},
-    "fedga": {"beta": 0.1},
-    "gradalign": {"local_steps": 1, "beta": 0.1},
-}
 WORLDS = (1, 2, 4)
 
 

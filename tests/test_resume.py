@@ -14,16 +14,8 @@ from dist_gradalign import checkpoint
 from dist_gradalign.data import partition, sample_clients
 from dist_gradalign.engine import DivergenceError, Preempted, Trainer
 
-from util import REPO, base_config, load_params, run_dir_rows, write_npz
+from util import ALGOS, REPO, base_config, load_params, run_dir_rows, write_npz
 
-ALGOS = {
-    "lbsgd": {"local_steps": 1},
-    "fedavg": {"server_momentum": 0.5, "server_lr": 0.8},
-    "fedprox": {"mu": 0.1},
-    "scaffold": {},
-    "fedga": {"beta": 0.1},
-    "gradalign": {"local_steps": 1, "beta": 0.1},
-}
 
 
 def _cfg(root, name, rounds=6, **train):

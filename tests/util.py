@@ -13,6 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 EMNIST47 = SHARED_DATA / "emnist47" / "emnist47.npz"
 
+# Every algorithm with a setting that exercises its own term (server momentum for one of them).
+ALGOS = {
+    "lbsgd": {"local_steps": 1},
+    "fedavg": {"server_momentum": 0.5, "server_lr": 0.8},
+    "fedprox": {"mu": 0.1},
+    "scaffold": {},
+    "fedga": {"beta": 0.1},
+    "gradalign": {"local_steps": 1, "beta": 0.1},
+}
+
 
 def base_config(tmp_path: Path, source: str = "digits", root: str | None = None, seed: int = 0,
                 **sections) -> Config:

@@ -82,6 +82,7 @@ class TrainConfig:
     eval_batch_size: int = _opt(1000, ge=1)
     micro_batch_size: Optional[int] = _opt(None, ge=1)  # split large batches for memory
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    executor: str = _opt("sequential", choices=("sequential", "vectorized"))  # vectorized: vmap over clients
     precision: str = _opt("float32", choices=("float32", "float64"))
     progress: bool = True
     checkpoint_every: int = _opt(25, ge=0)  # rounds between checkpoints (0: only at the end and on signals)
@@ -243,6 +244,9 @@ def validate(cfg: Config) -> Config:
     if a.name in ONE_STEP_ALGORITHMS and a.local_steps != 1:
         raise ConfigError(f"algorithm.local_steps = {a.local_steps} is not allowed for algorithm.name = "
                           f"{a.name!r}: it takes exactly one update per round; set local_steps=1")
+    if t.executor == "vectorized" and t.micro_batch_size is not None:
+        raise ConfigError(f"train.micro_batch_size = {t.micro_batch_size} is not allowed with train.executor = "
+                          "'vectorized' (it runs whole batches); use the sequential executor or drop it")
     if any(h < 1 for h in cfg.model.hidden):
         raise ConfigError(f"model.hidden = {cfg.model.hidden!r} is out of range: every width must be >= 1")
     if cfg.data.source in ("npz", "imagefolder") and not cfg.data.root:

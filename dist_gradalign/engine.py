@@ -25,6 +25,7 @@ from .data import load_dataset, partition, sample_clients
 from .executor import SequentialExecutor, batch_size_of
 from .models import FlatModel, build_model, evaluate_sums
 from .tracking import ID_FILE, start_tracker
+from .vectorized import VectorizedExecutor
 
 
 class DivergenceError(RuntimeError):
@@ -91,8 +92,9 @@ class Trainer:
         self.x = self.fm.params.clone()
         be.broadcast_(self.x)
         self.algo = build_algorithm(cfg.algorithm)
-        self.executor = SequentialExecutor(self.fm, self.x_train, self.y_train, shards, cfg.seed,
-                                           cfg.data.augment, cfg.train.micro_batch_size)
+        executor = VectorizedExecutor if cfg.train.executor == "vectorized" else SequentialExecutor
+        self.executor = executor(self.fm, self.x_train, self.y_train, shards, cfg.seed,
+                                 cfg.data.augment, cfg.train.micro_batch_size)
         self.counters = Counters()
         self.last_row: dict = {}
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank

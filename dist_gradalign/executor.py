@@ -62,13 +62,17 @@ class SequentialExecutor:
         self.shards, self.seed, self.augment, self.micro_batch = shards, seed, augment, micro_batch
         self.diverged: str | None = None  # the first non-finite quantity seen this round
 
-    def _grad(self, rnd: int, cid: int, positions: torch.Tensor, aug_step: int) -> torch.Tensor:
-        """Loss and gradient (left in fm.grads) of client ``cid`` on the given shard positions."""
+    def _batch(self, rnd: int, cid: int, positions: torch.Tensor, aug_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and labels of client ``cid`` at the given shard positions, augmented."""
         idx = self.shards[cid][positions.to(self.shards[cid].device)]
         xb, yb = self.x_train[idx], self.y_train[idx]
         if self.augment != "none":
             xb = augment_batch(xb, self.augment, client_generator(self.seed, rnd, cid, _AUGMENT, aug_step))
-        return loss_and_grad(self.fm, xb, yb, self.micro_batch)
+        return xb, yb
+
+    def _grad(self, rnd: int, cid: int, positions: torch.Tensor, aug_step: int) -> torch.Tensor:
+        """Loss and gradient (left in fm.grads) of client ``cid`` on the given shard positions."""
+        return loss_and_grad(self.fm, *self._batch(rnd, cid, positions, aug_step), self.micro_batch)
 
     def _grad_positions(self, algo: Algorithm, rnd: int, cid: int) -> tuple[torch.Tensor, int]:
         n = len(self.shards[cid])

@@ -103,8 +103,7 @@ class SequentialExecutor:
         """Each client's K local steps from x. Adds w_i y_i into ``buf[:n]``, the weighted
         mean local loss into ``buf[n]`` and, where g is known, w_i ||g_i - g||^2 into ``buf[n+1]``.
         A non-finite loss or parameter is recorded in ``self.diverged`` (naming the client)."""
-        n_params, lr, fm = x.numel(), algo.cfg.lr, self.fm
-        steps = algo.local_steps()
+        lr, fm, steps = algo.cfg.lr, self.fm, algo.local_steps()
         for cid in clients:
             w = weights[cid]
             state = ClientState(cid=cid, x=x, g=g, g_i=g_locals.get(cid))
@@ -119,12 +118,19 @@ class SequentialExecutor:
                 grad = fm.grads
                 algo.local_direction(state, y, grad)
                 y.sub_(grad, alpha=lr)
-            if self.diverged is None:  # one host sync per client, not per step
-                if not bool(torch.isfinite(loss_sum)):
-                    self.diverged = f"client {cid}: its training loss ({float(loss_sum / steps)})"
-                elif not bool(torch.isfinite(y).all()):
-                    self.diverged = f"client {cid}: its parameters after {steps} local step(s)"
-            buf[:n_params].add_(y, alpha=w)
-            buf[n_params] += w * loss_sum / steps
-            if state.g_i is not None:
-                buf[n_params + 1] += w * (state.g_i - g).pow(2).sum()
+            self._finish_client(state, y, loss_sum, steps, w, g, buf)
+
+    def _finish_client(self, state: ClientState, y: torch.Tensor, loss_sum: torch.Tensor, steps: int,
+                       w: float, g: torch.Tensor | None, buf: torch.Tensor) -> None:
+        """Check the client's result is finite (one host sync per client, not per step) and add
+        w_i y_i, its weighted mean loss and w_i ||g_i - g||^2 into the round's buffer."""
+        n_params = y.numel()
+        if self.diverged is None:
+            if not bool(torch.isfinite(loss_sum)):
+                self.diverged = f"client {state.cid}: its training loss ({float(loss_sum / steps)})"
+            elif not bool(torch.isfinite(y).all()):
+                self.diverged = f"client {state.cid}: its parameters after {steps} local step(s)"
+        buf[:n_params].add_(y, alpha=w)
+        buf[n_params] += w * loss_sum / steps
+        if state.g_i is not None:
+            buf[n_params + 1] += w * (state.g_i - g).pow(2).sum()

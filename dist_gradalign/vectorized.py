@@ -64,7 +64,7 @@ class VectorizedExecutor(SequentialExecutor):
     def local_updates(self, algo: Algorithm, rnd: int, clients: list[int], weights: dict[int, float],
                       x: torch.Tensor, g: torch.Tensor | None, g_locals: dict[int, torch.Tensor],
                       buf: torch.Tensor) -> None:
-        n_params, lr, steps = x.numel(), algo.cfg.lr, algo.local_steps()
+        lr, steps = algo.cfg.lr, algo.local_steps()
         batches = {c: local_batches(self.seed, rnd, c, len(self.shards[c]), steps, algo.cfg.local_batch_size)
                    for c in clients}
         for group in self._groups(clients, lambda c: tuple(len(b) for b in batches[c])):
@@ -82,13 +82,4 @@ class VectorizedExecutor(SequentialExecutor):
                 ys.sub_(grads, alpha=lr)
                 loss_sum += losses
             for state, y, loss in zip(states, ys, loss_sum):
-                w = weights[state.cid]
-                if self.diverged is None:
-                    if not bool(torch.isfinite(loss)):
-                        self.diverged = f"client {state.cid}: its training loss ({float(loss / steps)})"
-                    elif not bool(torch.isfinite(y).all()):
-                        self.diverged = f"client {state.cid}: its parameters after {steps} local step(s)"
-                buf[:n_params].add_(y, alpha=w)
-                buf[n_params] += w * loss / steps
-                if state.g_i is not None:
-                    buf[n_params + 1] += w * (state.g_i - g).pow(2).sum()
+                self._finish_client(state, y, loss, steps, weights[state.cid], g, buf)

@@ -74,7 +74,6 @@ class Trainer:
             data = data or load_dataset(cfg.data)
         else:
             data = load_dataset(cfg.data)
-        self.num_classes = data.num_classes
         labels = data.y_train.numpy()
         self.shards_np = partition(labels, cfg.partition, cfg.seed)
         self.sizes = [len(s) for s in self.shards_np]

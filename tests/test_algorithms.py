@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from dist_gradalign.config import from_dict
 from dist_gradalign.engine import Trainer
 
 from util import base_config, load_params, run_dir_rows, write_npz

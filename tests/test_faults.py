@@ -4,7 +4,6 @@ The table below is the record of inputs tried and the message each must produce 
 real CLI, in-process)."""
 import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,9 +1,11 @@
 """The only module that calls ``torch.distributed``.
 
-Started by torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment) it joins the
-process group, NCCL when CUDA is available and gloo otherwise; started by plain ``python`` it
-is world size 1 and every collective is the identity, so the engine runs one code path.
-The backend knows nothing of algorithms: it sums flat buffers and counts the bytes it moved.
+Started by torchrun (``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` in the environment) it joins the
+process group, NCCL when CUDA is available and gloo otherwise, at any world size (one rank
+under torchrun is a real group of one); started by plain ``python`` it is world size 1 and
+every collective is the identity, so the engine runs one code path.
+The backend knows nothing of algorithms: it sums flat buffers (whole, or in buckets launched
+during the backward pass: :class:`BucketReducer`) and counts the bytes it moved.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class Backend:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    distributed: bool = False  # a process group is joined (torchrun); else collectives are identities
     bytes_sent: int = 0  # all-reduced training payload per rank, summed over the run
 
     @classmethod
@@ -47,11 +50,12 @@ class Backend:
             # Count the CPUs this process may use (SLURM/cgroups binding), not the machine's.
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             torch.set_num_threads(max(1, cores // max(1, local_world)))
-        if world > 1 and not dist.is_initialized():
+        launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ  # torchrun, or a SLURM step like it
+        if (world > 1 or launched) and not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout_s),
                                     **({"device_id": dev} if use_cuda else {}))
-        return cls(rank, world, local_rank, local_world, dev)
+        return cls(rank, world, local_rank, local_world, dev, dist.is_initialized())
 
     @property
     def is_main(self) -> bool:
@@ -66,18 +70,18 @@ class Backend:
         ``count``: add its payload to ``bytes_sent`` (training traffic; evaluation is not)."""
         if count:
             self.bytes_sent += buf.numel() * buf.element_size()
-        if self.world_size > 1:
+        if self.distributed:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         return buf
 
     def broadcast_(self, buf: torch.Tensor, src: int = 0) -> torch.Tensor:
-        if self.world_size > 1:
+        if self.distributed:
             dist.broadcast(buf, src)
         return buf
 
     def broadcast_object(self, obj, src: int = 0):
         """``obj`` from rank ``src`` on every rank (pickled; for small control data)."""
-        if self.world_size == 1:
+        if not self.distributed:
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src)
@@ -85,16 +89,94 @@ class Backend:
 
     def gather_object(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
-        if self.world_size == 1:
+        if not self.distributed:
             return [obj]
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
 
     def barrier(self) -> None:
-        if self.world_size > 1:
+        if self.distributed:
             dist.barrier()
 
     def shutdown(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
+        if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class BucketReducer:
+    """Sums a flat gradient over ranks in buckets, each launched (asynchronously) as soon as the
+    backward pass has produced it, so communication overlaps the rest of the backward pass.
+
+    ``grads`` is the flat gradient vector whose slices are the parameters' ``.grad`` (see
+    ``models.FlatModel``); a bucket is a contiguous slice of it of about ``bucket_bytes``,
+    starting from the last parameters, which backward reaches first. Buckets are launched
+    strictly in index order, so every rank issues the same collectives in the same order (a
+    rank whose backward finishes its buckets in another order waits for the earlier ones, and
+    a rank that holds no client launches them all at :meth:`finish`). The summed payload is the
+    same as one flat all-reduce of ``out``, and is counted the same.
+    """
+
+    def __init__(self, backend: Backend, module: torch.nn.Module, grads: torch.Tensor, bucket_bytes: int):
+        self.backend, self.grads = backend, grads
+        spans = [_span(p.grad, grads) for p in module.parameters()]
+        order = sorted(range(len(spans)), key=lambda i: -spans[i][0])  # last parameters first
+        self.buckets: list[tuple[int, int]] = []  # (start, end) in grads
+        self.members: list[int] = []  # parameters per bucket
+        bucket_of = {}
+        for i in order:
+            start, end = spans[i]
+            if self.buckets and (self.buckets[-1][1] - start) * grads.element_size() <= bucket_bytes:
+                self.buckets[-1] = (start, self.buckets[-1][1])
+                self.members[-1] += 1
+            else:
+                self.buckets.append((start, end))
+                self.members.append(1)
+            bucket_of[i] = len(self.buckets) - 1
+        self.out: torch.Tensor | None = None
+        self._weight, self._pending, self._next, self._handles = 0.0, [], 0, []
+        for i, p in enumerate(module.parameters()):
+            p.register_post_accumulate_grad_hook(lambda _p, b=bucket_of[i]: self._ready(b))
+
+    def arm(self, out: torch.Tensor, weight: float, passes: int = 1) -> None:
+        """The next ``passes`` backward passes (micro-batches) make this rank's last gradient:
+        as each bucket completes, add ``weight`` times it into ``out`` and launch its all-reduce."""
+        self.out, self._weight = out, weight
+        self._pending = [m * passes for m in self.members]
+
+    def _ready(self, b: int) -> None:
+        if self.out is None:
+            return
+        self._pending[b] -= 1
+        while self._next < len(self.buckets) and self._pending[self._next] <= 0:
+            self._launch(self._next, add=True)
+
+    def _launch(self, b: int, add: bool) -> None:
+        start, end = self.buckets[b]
+        if add:
+            self.out[start:end].add_(self.grads[start:end], alpha=self._weight)
+        if self.backend.distributed:
+            self._handles.append(dist.all_reduce(self.out[start:end], op=dist.ReduceOp.SUM, async_op=True))
+        self._next += 1
+
+    def finish(self, out: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Launch the buckets not launched yet (all of them if this rank ran no armed backward),
+        then the all-reduce of ``extra`` (a small buffer that became known after the backward
+        pass), wait for every one, and return ``out``, now summed over ranks."""
+        armed = self.out is not None
+        self.out = out
+        while self._next < len(self.buckets):
+            self._launch(self._next, add=armed)
+        if extra is not None and self.backend.distributed:
+            self._handles.append(dist.all_reduce(extra, op=dist.ReduceOp.SUM, async_op=True))
+        for h in self._handles:
+            h.wait()
+        self.backend.bytes_sent += (out.numel() + (0 if extra is None else extra.numel())) * out.element_size()
+        self.out, self._next, self._handles = None, 0, []
+        return out
+
+
+def _span(view: torch.Tensor, flat: torch.Tensor) -> tuple[int, int]:
+    """(start, end) of a view of ``flat`` in elements."""
+    start = (view.data_ptr() - flat.data_ptr()) // flat.element_size()
+    return start, start + view.numel()

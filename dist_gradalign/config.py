@@ -83,7 +83,12 @@ class TrainConfig:
     micro_batch_size: Optional[int] = _opt(None, ge=1)  # split large batches for memory
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     executor: str = _opt("sequential", choices=("sequential", "vectorized"))  # vectorized: vmap over clients
-    precision: str = _opt("float32", choices=("float32", "float64"))
+    # bf16: float32 parameters and all-reduces, forward/backward under bfloat16 autocast
+    precision: str = _opt("float32", choices=("float32", "float64", "bf16"))
+    # bucketed: gradient all-reduces in buckets overlapped with the backward pass (the g pass,
+    # and the step of lbsgd/gradalign; sequential executor); flat: one all-reduce per pass
+    comm: str = _opt("bucketed", choices=("bucketed", "flat"))
+    bucket_mb: float = _opt(25.0, gt=0.0)  # bucket size for comm: bucketed
     progress: bool = True
     checkpoint_every: int = _opt(25, ge=0)  # rounds between checkpoints (0: only at the end and on signals)
     keep_checkpoints: int = _opt(3, ge=1)

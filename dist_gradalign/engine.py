@@ -19,7 +19,7 @@ import torch
 
 from . import checkpoint
 from .algorithms import build_algorithm
-from .backend import Backend
+from .backend import Backend, BucketReducer
 from .config import Config, ConfigError, dump_config
 from .data import load_dataset, partition, sample_clients
 from .executor import SequentialExecutor, batch_size_of
@@ -62,11 +62,15 @@ class Trainer:
 
     def __post_init__(self) -> None:
         cfg, be = self.cfg, self.backend
+        be.bytes_sent = 0  # this run's traffic (a backend may serve several runs; resume restores it)
         if be.is_main and cfg.train.clients_per_round < be.world_size:
             print(f"note: train.clients_per_round = {cfg.train.clients_per_round} < {be.world_size} ranks: "
                   f"{be.world_size - cfg.train.clients_per_round} rank(s) hold no client in a round",
                   file=sys.stderr, flush=True)
         dtype = torch.float64 if cfg.train.precision == "float64" else torch.float32
+        if cfg.train.precision == "bf16" and be.device.type == "cpu" and be.is_main:
+            print("note: train.precision = 'bf16' on CPU: autocast runs, but bfloat16 is rarely faster there",
+                  file=sys.stderr, flush=True)
         if cfg.data.download and be.world_size > 1:
             # one download per node, then the other ranks read what it fetched
             data = load_dataset(cfg.data) if be.local_rank == 0 else None
@@ -87,13 +91,19 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same initial x on every rank
         module = build_model(cfg.model, data.input_shape, data.num_classes).to(dev, dtype)
-        self.fm = FlatModel(module)
+        self.fm = FlatModel(module, autocast=cfg.train.precision == "bf16")
         self.x = self.fm.params.clone()
         be.broadcast_(self.x)
         self.algo = build_algorithm(cfg.algorithm)
-        executor = VectorizedExecutor if cfg.train.executor == "vectorized" else SequentialExecutor
-        self.executor = executor(self.fm, self.x_train, self.y_train, shards, cfg.seed,
-                                 cfg.data.augment, cfg.train.micro_batch_size)
+        # Bucketed overlap needs a backward pass per client: the sequential executor only.
+        self.reducer = (BucketReducer(be, module, self.fm.grads, int(cfg.train.bucket_mb * 2**20))
+                        if cfg.train.comm == "bucketed" and cfg.train.executor == "sequential" else None)
+        if cfg.train.executor == "vectorized":
+            self.executor = VectorizedExecutor(self.fm, self.x_train, self.y_train, shards, cfg.seed,
+                                               cfg.data.augment, cfg.train.micro_batch_size)
+        else:
+            self.executor = SequentialExecutor(self.fm, self.x_train, self.y_train, shards, cfg.seed,
+                                               cfg.data.augment, cfg.train.micro_batch_size, self.reducer)
         self.counters = Counters()
         self.last_row: dict = {}
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
@@ -117,8 +127,8 @@ class Trainer:
 
     def run_round(self, rnd: int) -> dict:
         """One round of the algorithm (DESIGN.md section 1); returns the metrics row."""
-        be, algo, x = self.backend, self.algo, self.x
-        self.executor.diverged = None
+        be, algo, x, ex = self.backend, self.algo, self.x, self.executor
+        ex.start_round()
         clients = self.round_clients(rnd)
         total = sum(self.sizes[c] for c in clients)
         weights = {c: self.sizes[c] / total for c in clients}  # w_i = n_i / sum_j n_j
@@ -128,23 +138,28 @@ class Trainer:
         g, g_locals = None, {}
         if algo.needs_client_grads:  # extra communication round: g = sum_i w_i g_i
             gbuf = torch.zeros_like(x)
-            g_locals = self.executor.client_grads(algo, rnd, mine, weights, x, gbuf)
-            g = be.all_reduce_(gbuf)
+            g_locals = ex.client_grads(algo, rnd, mine, weights, x, gbuf)
+            g = self.reducer.finish(gbuf) if self.reducer else be.all_reduce_(gbuf)
 
-        # [sum_i w_i y_i | train loss | sum_i w_i ||g_i - g||^2 | stop requested | diverged]
+        # [sum_i w_i y_i (or w_i grad_i) | train loss | sum_i w_i ||g_i - g||^2 | stop requested | non-finite]
         buf = torch.zeros(n + 4, dtype=x.dtype, device=x.device)
-        self.executor.local_updates(algo, rnd, mine, weights, x, g, g_locals, buf)
+        ex.local_updates(algo, rnd, mine, weights, x, g, g_locals, buf)
         buf[n + 2] = float(self.stop_requested)
-        buf[n + 3] = float(self.executor.diverged is not None)
-        be.all_reduce_(buf)
+        buf[n + 3] = ex.nonfinite(buf)
+        gradient_form = self.reducer is not None and algo.gradient_form
+        if gradient_form:  # the gradient buckets are in flight: the scalars follow them
+            self.reducer.finish(buf[:n], extra=buf[n:])
+        else:
+            be.all_reduce_(buf)
         if buf[n + 3] > 0:
-            where = (f"{self.executor.diverged} (rank {be.rank})" if self.executor.diverged
+            mine_bad = ex.diverged()
+            where = (f"{mine_bad} (rank {be.rank})" if mine_bad
                      else "a loss, gradient or parameter of a client on another rank (that rank names it)")
             raise DivergenceError(f"round {rnd}: {where} is not finite; the last good checkpoint is kept in "
                                   f"{Path(self.cfg.run_dir) / 'checkpoints'}; lower algorithm.lr (now {algo.cfg.lr})",
-                                  local=self.executor.diverged is not None)
+                                  local=mine_bad is not None)
         self.stop_agreed = bool(buf[n + 2] > 0)
-        algo.server_step(x, buf[:n])
+        algo.server_step(x, algo.average_from_gradient(x, buf[:n]) if gradient_form else buf[:n])
 
         c = self.counters
         c.round = rnd

@@ -13,7 +13,8 @@ import torch
 
 from .algorithms import Algorithm, ClientState
 from .data import augment_batch
-from .models import FlatModel, loss_and_grad
+from .backend import BucketReducer
+from .models import FlatModel, loss_and_grad, num_chunks
 
 # Purposes of the per-client random streams.
 _BATCHES, _GRAD_SUBSAMPLE, _AUGMENT = 1, 2, 3
@@ -54,13 +55,51 @@ def batch_size_of(n: int, size) -> int:
 
 
 class SequentialExecutor:
-    """Runs a rank's clients in a plain loop over one :class:`FlatModel`."""
+    """Runs a rank's clients in a plain loop over one :class:`FlatModel`.
+
+    With a ``reducer`` (``train.comm: bucketed``) the all-reduce of a gradient pass overlaps
+    the backward pass of the rank's last client: the g pass (g = sum_i w_i g_i), and the local
+    step of algorithms whose round average is a gradient step (``Algorithm.gradient_form``).
+
+    Non-finite values are detected without a host sync per client: each check is a device
+    flag, summed into the round's all-reduce; the client is named only when a flag is set.
+    """
 
     def __init__(self, fm: FlatModel, x_train: torch.Tensor, y_train: torch.Tensor,
-                 shards: list[torch.Tensor], seed: int, augment: str, micro_batch: int | None):
+                 shards: list[torch.Tensor], seed: int, augment: str, micro_batch: int | None,
+                 reducer: BucketReducer | None = None):
         self.fm, self.x_train, self.y_train = fm, x_train, y_train
         self.shards, self.seed, self.augment, self.micro_batch = shards, seed, augment, micro_batch
-        self.diverged: str | None = None  # the first non-finite quantity seen this round
+        self.reducer = reducer
+        self.checks: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []  # this round's, in order
+
+    def start_round(self) -> None:
+        self.checks = []
+
+    def _check(self, what: str, value: torch.Tensor, loss: torch.Tensor | None = None) -> None:
+        """Record a device flag: is ``value`` non-finite anywhere? (``loss``: shown in the message)."""
+        self.checks.append((what, ~torch.isfinite(value).all(), loss))
+
+    def nonfinite(self, like: torch.Tensor) -> torch.Tensor:
+        """How many of this round's checks failed, as a 0-dim tensor (no host sync)."""
+        out = torch.zeros((), dtype=like.dtype, device=like.device)
+        for _, bad, _ in self.checks:
+            out += bad
+        return out
+
+    def diverged(self) -> str | None:
+        """The first non-finite quantity of this round on this rank (syncs: call on failure only)."""
+        for what, bad, loss in self.checks:
+            if bool(bad):
+                return what if loss is None else f"{what} ({float(loss)})"
+        return None
+
+    def _arm(self, out: torch.Tensor, weight: float, n_samples: int, last: bool) -> bool:
+        """Arm the reducer for the coming backward pass(es) if this is the rank's last client."""
+        if self.reducer is None or not last:
+            return False
+        self.reducer.arm(out, weight, num_chunks(n_samples, self.micro_batch))
+        return True
 
     def _batch(self, rnd: int, cid: int, positions: torch.Tensor, aug_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and labels of client ``cid`` at the given shard positions, augmented."""
@@ -83,17 +122,19 @@ class SequentialExecutor:
     @torch.no_grad()
     def client_grads(self, algo: Algorithm, rnd: int, clients: list[int], weights: dict[int, float],
                      x: torch.Tensor, buf: torch.Tensor) -> dict[int, torch.Tensor]:
-        """g_i at x for each client; adds w_i g_i into ``buf[:n]``. Returns {cid: g_i}."""
+        """g_i at x for each client; adds w_i g_i into ``buf[:n]`` (with a reducer, the last
+        client's share is added bucket by bucket during its backward pass). Returns {cid: g_i}."""
         self.fm.params.copy_(x)
         out = {}
-        for cid in clients:
+        for j, cid in enumerate(clients):
             positions, aug_step = self._grad_positions(algo, rnd, cid)
+            armed = self._arm(buf[:x.numel()], weights[cid], len(positions), j == len(clients) - 1)
             with torch.enable_grad():
                 self._grad(rnd, cid, positions, aug_step)
             out[cid] = self.fm.grads.clone()
-            if self.diverged is None and not bool(torch.isfinite(out[cid]).all()):
-                self.diverged = f"client {cid}: its gradient g_i at x"
-            buf[:x.numel()].add_(out[cid], alpha=weights[cid])
+            self._check(f"client {cid}: its gradient g_i at x", out[cid])
+            if not armed:
+                buf[:x.numel()].add_(out[cid], alpha=weights[cid])
         return out
 
     @torch.no_grad()
@@ -102,9 +143,14 @@ class SequentialExecutor:
                       buf: torch.Tensor) -> None:
         """Each client's K local steps from x. Adds w_i y_i into ``buf[:n]``, the weighted
         mean local loss into ``buf[n]`` and, where g is known, w_i ||g_i - g||^2 into ``buf[n+1]``.
-        A non-finite loss or parameter is recorded in ``self.diverged`` (naming the client)."""
-        lr, fm, steps = algo.cfg.lr, self.fm, algo.local_steps()
-        for cid in clients:
+
+        With a reducer and ``algo.gradient_form`` (one local step, lbsgd and gradalign), adds
+        w_i times the raw minibatch gradient instead (the last client's during its backward
+        pass, overlapped with the reducer's all-reduce); ``algo.average_from_gradient`` turns
+        the sum into sum_i w_i y_i."""
+        lr, fm, steps, n = algo.cfg.lr, self.fm, algo.local_steps(), x.numel()
+        gradient_form = self.reducer is not None and algo.gradient_form
+        for j, cid in enumerate(clients):
             w = weights[cid]
             state = ClientState(cid=cid, x=x, g=g, g_i=g_locals.get(cid))
             y = fm.params
@@ -113,24 +159,30 @@ class SequentialExecutor:
             batches = local_batches(self.seed, rnd, cid, len(self.shards[cid]), steps, algo.cfg.local_batch_size)
             loss_sum = torch.zeros((), dtype=x.dtype, device=x.device)
             for k, positions in enumerate(batches):
+                armed = gradient_form and self._arm(buf[:n], w, len(positions), j == len(clients) - 1)
                 with torch.enable_grad():
                     loss_sum += self._grad(rnd, cid, positions, k + 1)
                 grad = fm.grads
+                if gradient_form:
+                    self._check(f"client {cid}: its local-step gradient", grad)
+                    if not armed:
+                        buf[:n].add_(grad, alpha=w)
+                    break
                 algo.local_direction(state, y, grad)
                 y.sub_(grad, alpha=lr)
-            self._finish_client(state, y, loss_sum, steps, w, g, buf)
+            self._finish_client(state, None if gradient_form else y, loss_sum, steps, w, g, buf)
 
-    def _finish_client(self, state: ClientState, y: torch.Tensor, loss_sum: torch.Tensor, steps: int,
+    def _finish_client(self, state: ClientState, y: torch.Tensor | None, loss_sum: torch.Tensor, steps: int,
                        w: float, g: torch.Tensor | None, buf: torch.Tensor) -> None:
-        """Check the client's result is finite (one host sync per client, not per step) and add
-        w_i y_i, its weighted mean loss and w_i ||g_i - g||^2 into the round's buffer."""
-        n_params = y.numel()
-        if self.diverged is None:
-            if not bool(torch.isfinite(loss_sum)):
-                self.diverged = f"client {state.cid}: its training loss ({float(loss_sum / steps)})"
-            elif not bool(torch.isfinite(y).all()):
-                self.diverged = f"client {state.cid}: its parameters after {steps} local step(s)"
-        buf[:n_params].add_(y, alpha=w)
-        buf[n_params] += w * loss_sum / steps
+        """Check the client's result is finite and add w_i y_i (unless ``y`` is None: the
+        gradient form added its gradient already), its weighted mean loss and
+        w_i ||g_i - g||^2 into the round's buffer."""
+        n_params = state.x.numel()
+        mean_loss = loss_sum / steps
+        self._check(f"client {state.cid}: its training loss", mean_loss, loss=mean_loss)
+        if y is not None:
+            self._check(f"client {state.cid}: its parameters after {steps} local step(s)", y)
+            buf[:n_params].add_(y, alpha=w)
+        buf[n_params] += w * mean_loss
         if state.g_i is not None:
             buf[n_params + 1] += w * (state.g_i - g).pow(2).sum()

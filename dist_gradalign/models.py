@@ -150,9 +150,10 @@ class FlatModel:
     and every communication is one all-reduce of one flat buffer.
     """
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, autocast: bool = False):
         _check_no_buffers(module)
         self.module = module
+        self.autocast = autocast  # forward/backward under bfloat16 autocast (train.precision: bf16)
         ref = next(module.parameters())
         n = num_parameters(module)
         self.params = torch.empty(n, dtype=ref.dtype, device=ref.device)
@@ -173,8 +174,18 @@ class FlatModel:
         return {k: v.detach().clone().cpu() for k, v in self.module.state_dict().items()}
 
 
+def autocast(fm: FlatModel) -> torch.autocast:
+    """bfloat16 autocast for the model's forward pass when ``fm.autocast`` (else a no-op)."""
+    return torch.autocast(fm.params.device.type, dtype=torch.bfloat16, enabled=fm.autocast)
+
+
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b) if b else a
+
+
+def num_chunks(n: int, micro_batch: int | None) -> int:
+    """Micro-batches (backward passes) that :func:`loss_and_grad` uses for a batch of ``n``."""
+    return 1 if not micro_batch else max(1, _ceil_div(n, micro_batch))
 
 
 def loss_and_grad(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
@@ -184,10 +195,12 @@ def loss_and_grad(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, micro_batch: 
     Returns the loss as a 0-dim tensor (no host sync)."""
     fm.grads.zero_()
     n = x.shape[0]
-    chunks = 1 if not micro_batch else max(1, _ceil_div(n, micro_batch))
+    chunks = num_chunks(n, micro_batch)
     total = torch.zeros((), dtype=fm.params.dtype, device=fm.params.device)
     for xb, yb in zip(x.chunk(chunks), y.chunk(chunks)):
-        loss = F.cross_entropy(fm.module(xb), yb, reduction="sum") / n
+        with autocast(fm):
+            logits = fm.module(xb)
+        loss = F.cross_entropy(logits.float() if fm.autocast else logits, yb, reduction="sum") / n
         loss.backward()
         total += loss.detach()
     return total
@@ -199,7 +212,8 @@ def evaluate_sums(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, batch: int) -
     out = torch.zeros(3, dtype=torch.float64, device=fm.params.device)
     for start in range(0, x.shape[0], batch):
         xb, yb = x[start:start + batch], y[start:start + batch]
-        logits = fm.module(xb)
+        with autocast(fm):
+            logits = fm.module(xb).float() if fm.autocast else fm.module(xb)
         out[0] += (logits.argmax(1) == yb).sum()
         out[1] += F.cross_entropy(logits, yb, reduction="sum").double()
         out[2] += yb.numel()

@@ -17,6 +17,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from .algorithms import Algorithm, ClientState
 from .executor import SequentialExecutor, local_batches
+from .models import autocast
 
 
 class VectorizedExecutor(SequentialExecutor):
@@ -29,7 +30,9 @@ class VectorizedExecutor(SequentialExecutor):
 
         def loss(flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             params = {n: t.view(s) for n, t, s in zip(self._names, flat.split(self._sizes), self._shapes)}
-            return F.cross_entropy(functional_call(module, params, (xb,)), yb)
+            with autocast(self.fm):
+                logits = functional_call(module, params, (xb,))
+            return F.cross_entropy(logits.float() if self.fm.autocast else logits, yb)
 
         self._grads = vmap(grad_and_value(loss))  # (m, n), (m, b, ...), (m, b) -> (m, n), (m,)
 
@@ -55,8 +58,7 @@ class VectorizedExecutor(SequentialExecutor):
                 g, _ = self._grads(x.expand(len(group), -1), xb, yb)
             for c, g_i in zip(group, g):
                 out[c] = g_i
-                if self.diverged is None and not bool(torch.isfinite(g_i).all()):
-                    self.diverged = f"client {c}: its gradient g_i at x"
+                self._check(f"client {c}: its gradient g_i at x", g_i)
                 buf[:x.numel()].add_(g_i, alpha=weights[c])
         return out
 

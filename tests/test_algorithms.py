@@ -78,16 +78,17 @@ ALGOS = {
 }
 
 
+@pytest.mark.parametrize("comm", ["bucketed", "flat"])
 @pytest.mark.parametrize("server", [(1.0, 0.0), (0.7, 0.5)], ids=["plain", "server-momentum"])
 @pytest.mark.parametrize("name", list(ALGOS))
-def test_matches_numpy_reference(tmp_path, name, server):
+def test_matches_numpy_reference(tmp_path, name, server, comm):
     path, X, Y = _tiny(tmp_path)
     algo = {"name": name, "lr": 0.4, "local_batch_size": "full", "full_grad_batch": "full",
             "weight_decay": 0.01, "server_lr": server[0], "server_momentum": server[1], "beta": 0.0, "mu": 0.0,
             "local_steps": 1, **ALGOS[name]}
     cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo,
                       partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3},
-                      train={"rounds": 3, "clients_per_round": 3, "precision": "float64"})
+                      train={"rounds": 3, "clients_per_round": 3, "precision": "float64", "comm": comm})
     Trainer(cfg).fit()
     rows = run_dir_rows(cfg.run_dir)
     shards = [np.array(v) for v in json.loads((tmp_path / "run" / "partition.json").read_text())["clients"].values()]
@@ -103,9 +104,9 @@ def test_matches_numpy_reference(tmp_path, name, server):
     assert [r["comm_rounds"] for r in rows] == [k * (2 if name in ("scaffold", "fedga", "gradalign") else 1)
                                                for k in (1, 2, 3)]
     assert [r["updates"] for r in rows] == [k * (1 if name in ("lbsgd", "gradalign") else 3) for k in (1, 2, 3)]
-    # one flat all-reduce per communication: x-sized (+4 scalars: loss, variance, stop and
-    # divergence flags), plus g for the
-    # two-round algorithms, in float64 (evaluation traffic is not training payload)
+    # per round: x-sized (+4 scalars: loss, variance, stop and divergence flags), plus g for the
+    # two-round algorithms, in float64, whether in one flat all-reduce or in buckets
+    # (evaluation traffic is not training payload)
     n = W.size
     per_round = 8 * ((n + 4) + (n if name in ("scaffold", "fedga", "gradalign") else 0))
     assert [r["bytes"] for r in rows] == [per_round, 2 * per_round, 3 * per_round]
@@ -179,10 +180,15 @@ def test_fedga_beta0_equals_fedavg(tmp_path):
 
 
 def test_fedga_k1_equals_gradalign(tmp_path):
+    """Bit-exact with parameter averaging (comm flat); with the gradient form (bucketed) equal up
+    to the rounding of sum_i w_i v_i = 0."""
     a = {"lr": 0.1, "local_steps": 1, "local_batch_size": "full", "full_grad_batch": "full", "beta": 0.2}
-    x_ga, _ = _final(tmp_path, "fedga", algorithm={"name": "fedga", **a}, **FED)
-    x_gr, _ = _final(tmp_path, "gradalign", algorithm={"name": "gradalign", **a}, **FED)
+    flat = {**FED, "train": {**FED["train"], "comm": "flat"}}
+    x_ga, _ = _final(tmp_path, "fedga", algorithm={"name": "fedga", **a}, **flat)
+    x_gr, _ = _final(tmp_path, "gradalign", algorithm={"name": "gradalign", **a}, **flat)
     assert torch.equal(x_ga, x_gr)
+    x_bucketed, _ = _final(tmp_path, "gradalign-bucketed", algorithm={"name": "gradalign", **a}, **FED)
+    torch.testing.assert_close(x_bucketed, x_gr, rtol=1e-5, atol=1e-6)
     x_avg, _ = _final(tmp_path, "fedavg", algorithm={"name": "fedavg", **{**a, "beta": 0.0}}, **FED)
     assert not torch.allclose(x_gr, x_avg), "beta must change the result"
 

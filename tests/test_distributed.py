@@ -18,18 +18,36 @@ def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.Completed
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+# Bucketed communication (the default) against one flat all-reduce per pass: the algorithms
+# whose gradient passes it overlaps, buckets of 1 KiB (the 1,210-parameter MLP makes 5), and
+# micro-batches (several backward passes per bucket).
+COMM = {"lbsgd": {}, "gradalign": {}, "scaffold": {}, "gradalign-micro": {"micro_batch_size": 5}}
+
+
 def _configs(root, world):
     out = []
-    for name, extra in ALGOS.items():
-        algo = {"name": name, "lr": 0.1, "local_steps": 3, "local_batch_size": 16, "weight_decay": 1e-3, **extra}
+
+    def add(name, algo_name, train=None, **algo_kw):
+        algo = {"name": algo_name, "lr": 0.1, "local_steps": 3, "local_batch_size": 16, "weight_decay": 1e-3,
+                **ALGOS[algo_name], **algo_kw}
         cfg = base_config(root / f"w{world}" / name, algorithm=algo,
                           partition={"scheme": "dirichlet", "num_clients": 6, "alpha": 1.0},
-                          train={"rounds": 4, "clients_per_round": 5, "eval_every": 2})
+                          train={"rounds": 4, "clients_per_round": 5, "eval_every": 2, "bucket_mb": 2**-10,
+                                 **(train or {})})
         out.append(cfg.to_dict())
-    # fewer clients per round than ranks: one rank holds none
-    cfg = base_config(root / f"w{world}" / "few", algorithm={"name": "fedga", "beta": 0.1, "local_steps": 2},
-                      train={"rounds": 3, "clients_per_round": 3})
-    out.append(cfg.to_dict())
+
+    for name in ALGOS:
+        add(name, name)
+    for name, train in COMM.items():
+        add(name + "-flat", name.split("-")[0], {**train, "comm": "flat"})
+        if name not in ALGOS:
+            add(name, name.split("-")[0], train)
+    # fewer clients per round than ranks: one rank holds none (and launches its buckets empty)
+    for name, algo in (("few", {"name": "fedga", "beta": 0.1, "local_steps": 2}),
+                       ("few-gradalign", {"name": "gradalign", "beta": 0.1, "local_steps": 1})):
+        cfg = base_config(root / f"w{world}" / name, algorithm=algo,
+                          train={"rounds": 3, "clients_per_round": 3, "bucket_mb": 2**-10})
+        out.append(cfg.to_dict())
     return out
 
 
@@ -42,11 +60,11 @@ def runs(tmp_path_factory):
         proc = torchrun(world, "tests/dist_worker.py", str(spec))
         assert proc.returncode == 0, proc.stderr[-3000:]
         if world > 1:  # only rank 0 prints its one-line summaries
-            assert proc.stdout.count("rank(s) ->") == len(ALGOS) + 1, proc.stdout
+            assert proc.stdout.count("rank(s) ->") == len(_configs(root, world)), proc.stdout
     return root
 
 
-@pytest.mark.parametrize("name", [*ALGOS, "few"])
+@pytest.mark.parametrize("name", [*ALGOS, "gradalign-micro", *(n + "-flat" for n in COMM), "few", "few-gradalign"])
 def test_world_size_invariance(runs, name):
     ref = load_params(runs / "w1" / name / "run")
     ref_rows = run_dir_rows(runs / "w1" / name / "run")
@@ -61,6 +79,22 @@ def test_world_size_invariance(runs, name):
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
             if "test_acc" in a:
                 assert b["test_acc"] == pytest.approx(a["test_acc"], abs=1e-3)
+
+
+@pytest.mark.parametrize("name", list(COMM))
+def test_bucketed_matches_flat(runs, name):
+    """Overlapped bucketed all-reduces give the result of one flat all-reduce per pass, with
+    the same bytes, on 1, 2 and 4 ranks."""
+    for world in WORLDS:
+        flat = run_dir_rows(runs / f"w{world}" / f"{name}-flat" / "run")
+        rows = run_dir_rows(runs / f"w{world}" / name / "run")
+        assert [r["bytes"] for r in rows] == [r["bytes"] for r in flat]
+        for a, b in zip(flat, rows):
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        ref = load_params(runs / f"w{world}" / f"{name}-flat" / "run")
+        params = load_params(runs / f"w{world}" / name / "run")
+        for key in ref:
+            torch.testing.assert_close(params[key], ref[key], rtol=0, atol=1e-5, msg=f"{name} {key} world {world}")
 
 
 def test_end_to_end_cli_beats_chance(tmp_path):

@@ -36,6 +36,10 @@ class Algorithm:
     name = "base"
     needs_client_grads = False  # an extra communication round to form g = sum_i w_i g_i
     grad_batch = "full"  # g_i on `full_grad_batch` samples, or "local": the first local minibatch
+    # One local step whose round average is a gradient step, sum_i w_i y_i =
+    # x - lr (sum_i w_i grad_i + lambda x): then the step's all-reduce can carry the gradient,
+    # bucket by bucket during the backward pass (train.comm: bucketed).
+    gradient_form = False
 
     def __init__(self, cfg: AlgorithmConfig):
         self.cfg = cfg
@@ -56,6 +60,13 @@ class Algorithm:
         Weight decay (coupled L2) is added at the current iterate, never to g_i or g."""
         if self.cfg.weight_decay:
             grad.add_(y, alpha=self.cfg.weight_decay)
+
+    def average_from_gradient(self, x: torch.Tensor, grad_sum: torch.Tensor) -> torch.Tensor:
+        """sum_i w_i y_i from sum_i w_i grad_i, for a ``gradient_form`` algorithm:
+        x - lr (grad_sum + lambda x), in place in ``grad_sum``."""
+        if self.cfg.weight_decay:
+            grad_sum.add_(x, alpha=self.cfg.weight_decay)
+        return grad_sum.mul_(-self.cfg.lr).add_(x)
 
     def state_dict(self) -> dict:
         """The server state carried across rounds (for checkpoints)."""

@@ -7,6 +7,7 @@ from .base import Algorithm
 
 class LBSGD(Algorithm):
     name = "lbsgd"
+    gradient_form = True  # y_i = x - alpha (grad_i + lambda x): average the gradients
 
     def local_steps(self) -> int:
         return 1

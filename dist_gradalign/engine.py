@@ -87,7 +87,7 @@ class Trainer:
         dev = be.device
         self.x_train, self.y_train = data.x_train.to(dev, dtype), data.y_train.to(dev)
         self.x_test, self.y_test = data.x_test[be.rank::be.world_size].to(dev, dtype), data.y_test[be.rank::be.world_size].to(dev)
-        shards = [torch.as_tensor(s, dtype=torch.long, device=dev) for s in self.shards_np]
+        shards = [torch.as_tensor(s, dtype=torch.long) for s in self.shards_np]  # on CPU: indices are gathered there
 
         torch.manual_seed(cfg.seed)  # the same initial x on every rank
         module = build_model(cfg.model, data.input_shape, data.num_classes).to(dev, dtype)
@@ -96,8 +96,9 @@ class Trainer:
         be.broadcast_(self.x)
         self.algo = build_algorithm(cfg.algorithm)
         # Bucketed overlap needs a backward pass per client: the sequential executor only.
+        overlaps = self.algo.needs_client_grads or self.algo.gradient_form
         self.reducer = (BucketReducer(be, module, self.fm.grads, int(cfg.train.bucket_mb * 2**20))
-                        if cfg.train.comm == "bucketed" and cfg.train.executor == "sequential" else None)
+                        if cfg.train.comm == "bucketed" and cfg.train.executor == "sequential" and overlaps else None)
         if cfg.train.executor == "vectorized":
             self.executor = VectorizedExecutor(self.fm, self.x_train, self.y_train, shards, cfg.seed,
                                                cfg.data.augment, cfg.train.micro_batch_size)

@@ -71,27 +71,33 @@ class SequentialExecutor:
         self.fm, self.x_train, self.y_train = fm, x_train, y_train
         self.shards, self.seed, self.augment, self.micro_batch = shards, seed, augment, micro_batch
         self.reducer = reducer
-        self.checks: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []  # this round's, in order
+        # this round's checks, in order: (descriptions, a non-finite flag per row, losses or None)
+        self.checks: list[tuple[list[str], torch.Tensor, torch.Tensor | None]] = []
 
     def start_round(self) -> None:
         self.checks = []
 
     def _check(self, what: str, value: torch.Tensor, loss: torch.Tensor | None = None) -> None:
         """Record a device flag: is ``value`` non-finite anywhere? (``loss``: shown in the message)."""
-        self.checks.append((what, ~torch.isfinite(value).all(), loss))
+        self._check_rows([what], value.reshape(1, -1), None if loss is None else loss.reshape(1))
+
+    def _check_rows(self, whats: list[str], rows: torch.Tensor, losses: torch.Tensor | None = None) -> None:
+        """One flag per row of ``rows`` (one row per client, described by ``whats``)."""
+        bad = ~torch.isfinite(rows.reshape(len(whats), -1)).all(dim=1)
+        self.checks.append((whats, bad, losses))
 
     def nonfinite(self, like: torch.Tensor) -> torch.Tensor:
         """How many of this round's checks failed, as a 0-dim tensor (no host sync)."""
         out = torch.zeros((), dtype=like.dtype, device=like.device)
         for _, bad, _ in self.checks:
-            out += bad
+            out += bad.sum()
         return out
 
     def diverged(self) -> str | None:
         """The first non-finite quantity of this round on this rank (syncs: call on failure only)."""
-        for what, bad, loss in self.checks:
-            if bool(bad):
-                return what if loss is None else f"{what} ({float(loss)})"
+        for whats, bad, losses in self.checks:
+            for j in bad.nonzero().flatten().tolist()[:1]:
+                return whats[j] if losses is None else f"{whats[j]} ({float(losses[j])})"
         return None
 
     def _arm(self, out: torch.Tensor, weight: float, n_samples: int, last: bool) -> bool:
@@ -103,7 +109,7 @@ class SequentialExecutor:
 
     def _batch(self, rnd: int, cid: int, positions: torch.Tensor, aug_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and labels of client ``cid`` at the given shard positions, augmented."""
-        idx = self.shards[cid][positions.to(self.shards[cid].device)]
+        idx = self.shards[cid][positions].to(self.x_train.device)  # gathered on CPU, one copy
         xb, yb = self.x_train[idx], self.y_train[idx]
         if self.augment != "none":
             xb = augment_batch(xb, self.augment, client_generator(self.seed, rnd, cid, _AUGMENT, aug_step))

@@ -4,8 +4,9 @@ parameter vectors of the clients (``train.executor: vectorized``).
 Clients whose minibatches have the same size at every step form one group; each group is one
 vmapped forward/backward per local step. Batches, augmentation and the algorithms' own hooks
 (``client_start``, ``local_direction``) are exactly those of the sequential executor, applied
-to each client's row of the stacked tensors, so the two executors compute the same round
-(to floating-point reordering; tested).
+to the group's stacked (m, n) iterates at once (the hooks are elementwise), and the weighted
+sums are one matrix-vector product per group, so the two executors compute the same round
+(to floating-point reordering; tested) with a constant number of kernels per step.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from .algorithms import Algorithm, ClientState
-from .executor import SequentialExecutor, local_batches
+from .data import augment_batch
+from .executor import _AUGMENT, SequentialExecutor, client_generator, local_batches
 from .models import autocast
 
 
@@ -37,8 +39,14 @@ class VectorizedExecutor(SequentialExecutor):
         self._grads = vmap(grad_and_value(loss))  # (m, n), (m, b, ...), (m, b) -> (m, n), (m,)
 
     def _stacked(self, rnd: int, cids: list[int], positions: list[torch.Tensor], aug_step: int):
-        batches = [self._batch(rnd, c, p, aug_step) for c, p in zip(cids, positions)]
-        return torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+        """The group's batches as (m, b, ...) inputs and (m, b) labels: indices gathered on CPU,
+        one copy to the device, one gather; augmentation per client (its own generator)."""
+        idx = torch.stack([self.shards[c][p] for c, p in zip(cids, positions)]).to(self.x_train.device)
+        xb, yb = self.x_train[idx], self.y_train[idx]
+        if self.augment != "none":
+            xb = torch.stack([augment_batch(xb[j], self.augment, client_generator(self.seed, rnd, c, _AUGMENT, aug_step))
+                              for j, c in enumerate(cids)])
+        return xb, yb
 
     @staticmethod
     def _groups(clients: list[int], sizes_of) -> list[list[int]]:
@@ -46,6 +54,9 @@ class VectorizedExecutor(SequentialExecutor):
         for c in clients:
             groups[sizes_of(c)].append(c)
         return list(groups.values())
+
+    def _weights(self, group: list[int], weights: dict[int, float], like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([weights[c] for c in group], dtype=like.dtype).to(like.device)
 
     @torch.no_grad()
     def client_grads(self, algo: Algorithm, rnd: int, clients: list[int], weights: dict[int, float],
@@ -56,32 +67,38 @@ class VectorizedExecutor(SequentialExecutor):
             xb, yb = self._stacked(rnd, group, [pos[c][0] for c in group], pos[group[0]][1])
             with torch.enable_grad():
                 g, _ = self._grads(x.expand(len(group), -1), xb, yb)
-            for c, g_i in zip(group, g):
-                out[c] = g_i
-                self._check(f"client {c}: its gradient g_i at x", g_i)
-                buf[:x.numel()].add_(g_i, alpha=weights[c])
+            self._check_rows([f"client {c}: its gradient g_i at x" for c in group], g)
+            buf[:x.numel()].addmv_(g.T, self._weights(group, weights, x))  # sum_i w_i g_i
+            out.update(zip(group, g))
         return out
 
     @torch.no_grad()
     def local_updates(self, algo: Algorithm, rnd: int, clients: list[int], weights: dict[int, float],
                       x: torch.Tensor, g: torch.Tensor | None, g_locals: dict[int, torch.Tensor],
                       buf: torch.Tensor) -> None:
-        lr, steps = algo.cfg.lr, algo.local_steps()
+        """The algorithm's hooks run once per group on the stacked (m, n) iterates: they are
+        elementwise, so row j is exactly client j's computation."""
+        lr, steps, n = algo.cfg.lr, algo.local_steps(), x.numel()
         batches = {c: local_batches(self.seed, rnd, c, len(self.shards[c]), steps, algo.cfg.local_batch_size)
                    for c in clients}
         for group in self._groups(clients, lambda c: tuple(len(b) for b in batches[c])):
-            states = [ClientState(cid=c, x=x, g=g, g_i=g_locals.get(c)) for c in group]
+            w = self._weights(group, weights, x)
+            g_i = torch.stack([g_locals[c] for c in group]) if g_locals else None
+            state = ClientState(cid=tuple(group), x=x, g=g, g_i=g_i)
             ys = x.expand(len(group), -1).clone()
-            for state, y in zip(states, ys):
-                algo.client_start(state, y)
+            algo.client_start(state, ys)
             loss_sum = torch.zeros(len(group), dtype=x.dtype, device=x.device)
             for k in range(steps):
                 xb, yb = self._stacked(rnd, group, [batches[c][k] for c in group], k + 1)
                 with torch.enable_grad():
                     grads, losses = self._grads(ys, xb, yb)
-                for state, y, grad in zip(states, ys, grads):
-                    algo.local_direction(state, y, grad)
+                algo.local_direction(state, ys, grads)
                 ys.sub_(grads, alpha=lr)
                 loss_sum += losses
-            for state, y, loss in zip(states, ys, loss_sum):
-                self._finish_client(state, y, loss, steps, weights[state.cid], g, buf)
+            mean_loss = loss_sum / steps
+            self._check_rows([f"client {c}: its training loss" for c in group], mean_loss, losses=mean_loss)
+            self._check_rows([f"client {c}: its parameters after {steps} local step(s)" for c in group], ys)
+            buf[:n].addmv_(ys.T, w)  # sum_i w_i y_i
+            buf[n] += w @ mean_loss
+            if g_i is not None:
+                buf[n + 1] += w @ (g_i - g).pow(2).sum(1)

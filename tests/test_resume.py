@@ -109,9 +109,11 @@ def test_signal_checkpoints_at_round_boundary_and_resumes(tmp_path):
     _assert_same_run(whole.run_dir, cfg.run_dir)
 
 
-def test_divergence_names_round_client_and_quantity_and_keeps_checkpoint(tmp_path):
+@pytest.mark.parametrize("executor", ["sequential", "vectorized"])
+def test_divergence_names_round_client_and_quantity_and_keeps_checkpoint(tmp_path, executor):
     """One training sample is NaN: the first round that samples its client stops the run with
-    a message naming that round, that client and the quantity; the checkpoint before stays."""
+    a message naming that round, that client and the quantity; the checkpoint before stays.
+    (Both executors flag non-finite values on the device and name the client only then.)"""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, 1, 4)).astype(np.float32)
     y = rng.integers(0, 3, size=80)
@@ -119,7 +121,7 @@ def test_divergence_names_round_client_and_quantity_and_keeps_checkpoint(tmp_pat
     path = write_npz(tmp_path / "nan.npz", x, y, x[:10], y[:10])
     cfg = base_config(tmp_path, source="npz", root=str(path), partition={"scheme": "iid", "num_clients": 8},
                       algorithm={"name": "fedavg", "lr": 0.1, "local_steps": 2, "local_batch_size": "full"},
-                      train={"rounds": 30, "clients_per_round": 2, "checkpoint_every": 1})
+                      train={"rounds": 30, "clients_per_round": 2, "checkpoint_every": 1, "executor": executor})
     bad_client = next(c for c, s in enumerate(partition(y, cfg.partition, cfg.seed)) if 17 in s)
     bad_round = next(r for r in range(1, 31) if bad_client in sample_clients(cfg.seed, r, 8, 2))
     assert bad_round > 1, "pick data where the bad client is not in round 1"

@@ -14,7 +14,7 @@ Algorithms are pure math on flat parameter vectors: they never communicate.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -23,9 +23,12 @@ from ..config import AlgorithmConfig
 
 @dataclass
 class ClientState:
-    """What one client's local work may read: the round's x, g and its own g_i."""
+    """What one client's local work may read: the round's x, g and its own g_i.
 
-    cid: int
+    The vectorized executor passes a group of clients at once: ``cid`` a tuple, ``g_i`` and the
+    iterates stacked as (m, n) rows. Hooks are elementwise with broadcasting, so they serve both."""
+
+    cid: Union[int, tuple]
     x: torch.Tensor
     g: Optional[torch.Tensor] = None
     g_i: Optional[torch.Tensor] = None

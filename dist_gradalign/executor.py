@@ -115,9 +115,9 @@ class SequentialExecutor:
             xb = augment_batch(xb, self.augment, client_generator(self.seed, rnd, cid, _AUGMENT, aug_step))
         return xb, yb
 
-    def _grad(self, rnd: int, cid: int, positions: torch.Tensor, aug_step: int) -> torch.Tensor:
+    def _grad(self, rnd: int, cid: int, positions: torch.Tensor, aug_step: int, hooks: bool = False) -> torch.Tensor:
         """Loss and gradient (left in fm.grads) of client ``cid`` on the given shard positions."""
-        return loss_and_grad(self.fm, *self._batch(rnd, cid, positions, aug_step), self.micro_batch)
+        return loss_and_grad(self.fm, *self._batch(rnd, cid, positions, aug_step), self.micro_batch, hooks)
 
     def _grad_positions(self, algo: Algorithm, rnd: int, cid: int) -> tuple[torch.Tensor, int]:
         n = len(self.shards[cid])
@@ -136,7 +136,7 @@ class SequentialExecutor:
             positions, aug_step = self._grad_positions(algo, rnd, cid)
             armed = self._arm(buf[:x.numel()], weights[cid], len(positions), j == len(clients) - 1)
             with torch.enable_grad():
-                self._grad(rnd, cid, positions, aug_step)
+                self._grad(rnd, cid, positions, aug_step, hooks=armed)
             out[cid] = self.fm.grads.clone()
             self._check(f"client {cid}: its gradient g_i at x", out[cid])
             if not armed:
@@ -167,7 +167,7 @@ class SequentialExecutor:
             for k, positions in enumerate(batches):
                 armed = gradient_form and self._arm(buf[:n], w, len(positions), j == len(clients) - 1)
                 with torch.enable_grad():
-                    loss_sum += self._grad(rnd, cid, positions, k + 1)
+                    loss_sum += self._grad(rnd, cid, positions, k + 1, hooks=armed)
                 grad = fm.grads
                 if gradient_form:
                     self._check(f"client {cid}: its local-step gradient", grad)

@@ -168,6 +168,7 @@ class FlatModel:
                 setattr(mod, name, newp)
                 offset += k
         assert offset == n, "shared parameters are not supported"
+        self.param_list = sorted(module.parameters(), key=lambda p: p.data_ptr())  # in flat order
         self.numel = n
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -188,20 +189,25 @@ def num_chunks(n: int, micro_batch: int | None) -> int:
     return 1 if not micro_batch else max(1, _ceil_div(n, micro_batch))
 
 
-def loss_and_grad(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, micro_batch: int | None = None) -> torch.Tensor:
+def loss_and_grad(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, micro_batch: int | None = None,
+                  hooks: bool = False) -> torch.Tensor:
     """Mean cross-entropy of the batch at the current ``fm.params``; its gradient is left in
     ``fm.grads`` (overwritten, not accumulated). Large batches are split into micro-batches of
     at most ``micro_batch`` samples whose gradients add up to the full-batch gradient.
+    ``hooks``: accumulate into the parameters' ``.grad`` views so that their post-accumulate
+    hooks fire (the bucketed all-reduce); otherwise one batch costs one ``autograd.grad`` and
+    one concatenation into ``fm.grads``, the fewest operators.
     Returns the loss as a 0-dim tensor (no host sync)."""
-    fm.grads.zero_()
     n = x.shape[0]
     chunks = num_chunks(n, micro_batch)
-    if chunks == 1:  # the common case, in the fewest kernels
+    if chunks == 1 and not hooks:
         with autocast(fm):
             logits = fm.module(x)
         loss = F.cross_entropy(logits.float() if fm.autocast else logits, y)
-        loss.backward()
+        grads = torch.autograd.grad(loss, fm.param_list)
+        torch.cat([g.reshape(-1) for g in grads], out=fm.grads)
         return loss.detach()
+    fm.grads.zero_()
     total = torch.zeros((), dtype=fm.params.dtype, device=fm.params.device)
     for xb, yb in zip(x.chunk(chunks), y.chunk(chunks)):
         with autocast(fm):

@@ -71,6 +71,10 @@ def test_flat_model_views_and_gradients():
     loss_mb = loss_and_grad(fm, x, y, micro_batch=3)
     torch.testing.assert_close(loss_mb, loss)
     torch.testing.assert_close(fm.grads, full)
+    # accumulated into the .grad views (firing the bucketed all-reduce's hooks): the same again
+    fm.grads.fill_(7.0)
+    torch.testing.assert_close(loss_and_grad(fm, x, y, hooks=True), loss)
+    torch.testing.assert_close(fm.grads, full)
 
 
 def test_evaluate_sums():

@@ -10,6 +10,7 @@ during the backward pass: :class:`BucketReducer`) and counts the bytes it moved.
 from __future__ import annotations
 
 import datetime
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -117,15 +118,15 @@ class BucketReducer:
     same as one flat all-reduce of ``out``, and is counted the same.
     """
 
-    def __init__(self, backend: Backend, module: torch.nn.Module, grads: torch.Tensor, bucket_bytes: int):
+    def __init__(self, backend: Backend, params: list[torch.nn.Parameter], grads: torch.Tensor, bucket_bytes: int):
+        """``params``: the parameters in flat order, whose ``.grad`` are consecutive slices of ``grads``."""
         self.backend, self.grads = backend, grads
-        spans = [_span(p.grad, grads) for p in module.parameters()]
-        order = sorted(range(len(spans)), key=lambda i: -spans[i][0])  # last parameters first
-        self.buckets: list[tuple[int, int]] = []  # (start, end) in grads
+        ends = list(itertools.accumulate(p.numel() for p in params))
+        self.buckets: list[tuple[int, int]] = []  # (start, end) in grads, last parameters first
         self.members: list[int] = []  # parameters per bucket
-        bucket_of = {}
-        for i in order:
-            start, end = spans[i]
+        bucket_of = [0] * len(params)
+        for i in reversed(range(len(params))):
+            start, end = ends[i] - params[i].numel(), ends[i]
             if self.buckets and (self.buckets[-1][1] - start) * grads.element_size() <= bucket_bytes:
                 self.buckets[-1] = (start, self.buckets[-1][1])
                 self.members[-1] += 1
@@ -135,8 +136,8 @@ class BucketReducer:
             bucket_of[i] = len(self.buckets) - 1
         self.out: torch.Tensor | None = None
         self._weight, self._pending, self._next, self._handles = 0.0, [], 0, []
-        for i, p in enumerate(module.parameters()):
-            p.register_post_accumulate_grad_hook(lambda _p, b=bucket_of[i]: self._ready(b))
+        for p, b in zip(params, bucket_of):
+            p.register_post_accumulate_grad_hook(lambda _p, b=b: self._ready(b))
 
     def arm(self, out: torch.Tensor, weight: float, passes: int = 1) -> None:
         """The next ``passes`` backward passes (micro-batches) make this rank's last gradient:
@@ -175,8 +176,3 @@ class BucketReducer:
         self.out, self._next, self._handles = None, 0, []
         return out
 
-
-def _span(view: torch.Tensor, flat: torch.Tensor) -> tuple[int, int]:
-    """(start, end) of a view of ``flat`` in elements."""
-    start = (view.data_ptr() - flat.data_ptr()) // flat.element_size()
-    return start, start + view.numel()

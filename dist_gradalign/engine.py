@@ -97,7 +97,7 @@ class Trainer:
         self.algo = build_algorithm(cfg.algorithm)
         # Bucketed overlap needs a backward pass per client: the sequential executor only.
         overlaps = self.algo.needs_client_grads or self.algo.gradient_form
-        self.reducer = (BucketReducer(be, module, self.fm.grads, int(cfg.train.bucket_mb * 2**20))
+        self.reducer = (BucketReducer(be, self.fm.param_list, self.fm.grads, int(cfg.train.bucket_mb * 2**20))
                         if cfg.train.comm == "bucketed" and cfg.train.executor == "sequential" and overlaps else None)
         if cfg.train.executor == "vectorized":
             self.executor = VectorizedExecutor(self.fm, self.x_train, self.y_train, shards, cfg.seed,

@@ -112,8 +112,12 @@ class SequentialExecutor:
         idx = self.shards[cid][positions].to(self.x_train.device)  # gathered on CPU, one copy
         xb, yb = self.x_train[idx], self.y_train[idx]
         if self.augment != "none":
-            xb = augment_batch(xb, self.augment, client_generator(self.seed, rnd, cid, _AUGMENT, aug_step))
+            xb = self._augment(xb, rnd, cid, aug_step)
         return xb, yb
+
+    def _augment(self, xb: torch.Tensor, rnd: int, cid: int, aug_step: int) -> torch.Tensor:
+        """Client ``cid``'s augmentation of its batch at this step, from its own generator."""
+        return augment_batch(xb, self.augment, client_generator(self.seed, rnd, cid, _AUGMENT, aug_step))
 
     def _grad(self, rnd: int, cid: int, positions: torch.Tensor, aug_step: int, hooks: bool = False) -> torch.Tensor:
         """Loss and gradient (left in fm.grads) of client ``cid`` on the given shard positions."""

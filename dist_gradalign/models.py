@@ -158,7 +158,7 @@ class FlatModel:
         n = num_parameters(module)
         self.params = torch.empty(n, dtype=ref.dtype, device=ref.device)
         self.grads = torch.zeros(n, dtype=ref.dtype, device=ref.device)
-        offset = 0
+        offset, self.param_list = 0, []  # param_list: the parameters in flat order
         for mod in list(module.modules()):
             for name, p in list(mod.named_parameters(recurse=False)):
                 k = p.numel()
@@ -166,9 +166,9 @@ class FlatModel:
                 newp = nn.Parameter(self.params[offset:offset + k].view_as(p))
                 newp.grad = self.grads[offset:offset + k].view_as(p)
                 setattr(mod, name, newp)
+                self.param_list.append(newp)
                 offset += k
         assert offset == n, "shared parameters are not supported"
-        self.param_list = sorted(module.parameters(), key=lambda p: p.data_ptr())  # in flat order
         self.numel = n
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -178,6 +178,15 @@ class FlatModel:
 def autocast(fm: FlatModel) -> torch.autocast:
     """bfloat16 autocast for the model's forward pass when ``fm.autocast`` (else a no-op)."""
     return torch.autocast(fm.params.device.type, dtype=torch.bfloat16, enabled=fm.autocast)
+
+
+def forward_loss(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean",
+                 forward=None) -> torch.Tensor:
+    """Cross-entropy of ``forward(x)`` (default: the module) under the model's autocast setting,
+    computed in the parameters' precision."""
+    with autocast(fm):
+        logits = (forward or fm.module)(x)
+    return F.cross_entropy(logits.float() if fm.autocast else logits, y, reduction=reduction)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -201,18 +210,14 @@ def loss_and_grad(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, micro_batch: 
     n = x.shape[0]
     chunks = num_chunks(n, micro_batch)
     if chunks == 1 and not hooks:
-        with autocast(fm):
-            logits = fm.module(x)
-        loss = F.cross_entropy(logits.float() if fm.autocast else logits, y)
+        loss = forward_loss(fm, x, y)
         grads = torch.autograd.grad(loss, fm.param_list)
         torch.cat([g.reshape(-1) for g in grads], out=fm.grads)
         return loss.detach()
     fm.grads.zero_()
     total = torch.zeros((), dtype=fm.params.dtype, device=fm.params.device)
     for xb, yb in zip(x.chunk(chunks), y.chunk(chunks)):
-        with autocast(fm):
-            logits = fm.module(xb)
-        loss = F.cross_entropy(logits.float() if fm.autocast else logits, yb, reduction="sum") / n
+        loss = forward_loss(fm, xb, yb, reduction="sum") / n
         loss.backward()
         total += loss.detach()
     return total

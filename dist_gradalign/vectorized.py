@@ -13,13 +13,11 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
 from .algorithms import Algorithm, ClientState
-from .data import augment_batch
-from .executor import _AUGMENT, SequentialExecutor, client_generator, local_batches
-from .models import autocast
+from .executor import SequentialExecutor, local_batches
+from .models import forward_loss
 
 
 class VectorizedExecutor(SequentialExecutor):
@@ -32,9 +30,7 @@ class VectorizedExecutor(SequentialExecutor):
 
         def loss(flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             params = {n: t.view(s) for n, t, s in zip(self._names, flat.split(self._sizes), self._shapes)}
-            with autocast(self.fm):
-                logits = functional_call(module, params, (xb,))
-            return F.cross_entropy(logits.float() if self.fm.autocast else logits, yb)
+            return forward_loss(self.fm, xb, yb, forward=lambda inputs: functional_call(module, params, (inputs,)))
 
         self._grads = vmap(grad_and_value(loss))  # (m, n), (m, b, ...), (m, b) -> (m, n), (m,)
 
@@ -44,8 +40,7 @@ class VectorizedExecutor(SequentialExecutor):
         idx = torch.stack([self.shards[c][p] for c, p in zip(cids, positions)]).to(self.x_train.device)
         xb, yb = self.x_train[idx], self.y_train[idx]
         if self.augment != "none":
-            xb = torch.stack([augment_batch(xb[j], self.augment, client_generator(self.seed, rnd, c, _AUGMENT, aug_step))
-                              for j, c in enumerate(cids)])
+            xb = torch.stack([self._augment(xb[j], rnd, c, aug_step) for j, c in enumerate(cids)])
         return xb, yb
 
     @staticmethod

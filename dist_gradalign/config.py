@@ -41,6 +41,8 @@ class DataConfig:
     download: bool = False
     normalize: Optional[list] = None  # [mean, std]: numbers or per-channel lists
     augment: str = _opt("none", choices=("none", "crop_flip"))
+    # stratified, seeded hold-out of the training set (before partitioning), evaluated as val_acc/val_loss
+    val_fraction: float = _opt(0.0, ge=0.0, lt=1.0)
 
 
 @dataclass
@@ -92,6 +94,10 @@ class TrainConfig:
     progress: bool = True
     checkpoint_every: int = _opt(25, ge=0)  # rounds between checkpoints (0: only at the end and on signals)
     keep_checkpoints: int = _opt(3, ge=1)
+    # every N rounds, r(x) = 1/2 sum_i w_i ||g_i - g||^2 over the round's clients at x, for every
+    # algorithm (0: off); not counted as training traffic or time
+    diagnostics_every: int = _opt(0, ge=0)
+    diagnostics_batch: Union[int, Literal["full"]] = _opt("full", ge=1)  # samples per client for it
 
 
 @dataclass

@@ -21,7 +21,7 @@ from . import checkpoint
 from .algorithms import build_algorithm
 from .backend import Backend, BucketReducer
 from .config import Config, ConfigError, dump_config
-from .data import load_dataset, partition, sample_clients
+from .data import holdout, load_dataset, partition, sample_clients
 from .executor import SequentialExecutor, batch_size_of
 from .models import FlatModel, build_model, evaluate_sums
 from .tracking import ID_FILE, start_tracker
@@ -50,7 +50,7 @@ class Counters:
     comm_rounds: int = 0
     updates: int = 0
     samples: int = 0
-    time: float = 0.0  # wall seconds of training, continued across resumes
+    time: float = 0.0  # wall seconds of training rounds (not evaluation or diagnostics), continued across resumes
 
 
 @dataclass
@@ -79,14 +79,22 @@ class Trainer:
         else:
             data = load_dataset(cfg.data)
         labels = data.y_train.numpy()
-        self.shards_np = partition(labels, cfg.partition, cfg.seed)
+        # the validation hold-out leaves the training set before partitioning (disjoint from every shard)
+        self.val_np, rest = holdout(labels, cfg.data.val_fraction, cfg.seed)
+        if cfg.data.val_fraction > 0 and len(self.val_np) == 0:
+            raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction} holds out no sample: every class has "
+                              f"fewer than {0.5 / cfg.data.val_fraction:.0f} training samples; raise it")
+        self.shards_np = [rest[s] for s in partition(labels[rest], cfg.partition, cfg.seed)]
         self.sizes = [len(s) for s in self.shards_np]
         if min(self.sizes) == 0:
             raise ConfigError(f"partition.num_clients = {cfg.partition.num_clients} leaves a client with no data "
                               f"({len(labels)} training samples, scheme {cfg.partition.scheme!r})")
         dev = be.device
         self.x_train, self.y_train = data.x_train.to(dev, dtype), data.y_train.to(dev)
+        # evaluation: each rank a slice of the test set and of the validation hold-out
         self.x_test, self.y_test = data.x_test[be.rank::be.world_size].to(dev, dtype), data.y_test[be.rank::be.world_size].to(dev)
+        val = torch.as_tensor(self.val_np[be.rank::be.world_size], dtype=torch.long)
+        self.x_val, self.y_val = data.x_train[val].to(dev, dtype), data.y_train[val].to(dev)
         shards = [torch.as_tensor(s, dtype=torch.long) for s in self.shards_np]  # on CPU: indices are gathered there
 
         torch.manual_seed(cfg.seed)  # the same initial x on every rank
@@ -178,13 +186,37 @@ class Trainer:
                                   f"lower algorithm.lr (now {algo.cfg.lr}) or algorithm.server_lr")
         return row
 
-    def evaluate(self) -> tuple[float, float]:
-        """Test accuracy and mean loss at x; each rank evaluates a slice, one all-reduce."""
+    def evaluate(self) -> dict:
+        """Test (and, with a hold-out, validation) accuracy and mean loss at x; each rank
+        evaluates a slice, one all-reduce (not counted as training traffic)."""
         self.fm.params.copy_(self.x)
-        sums = self.backend.all_reduce_(evaluate_sums(self.fm, self.x_test, self.y_test,
-                                                      self.cfg.train.eval_batch_size), count=False)
-        correct, loss, count = sums.tolist()
-        return correct / count, loss / count
+        bs = self.cfg.train.eval_batch_size
+        parts = [evaluate_sums(self.fm, self.x_test, self.y_test, bs)]
+        if len(self.val_np):
+            parts.append(evaluate_sums(self.fm, self.x_val, self.y_val, bs))
+        sums = self.backend.all_reduce_(torch.cat(parts), count=False).tolist()
+        out = {"test_acc": sums[0] / sums[2], "test_loss": sums[1] / sums[2]}
+        if len(self.val_np):
+            out.update(val_acc=sums[3] / sums[5], val_loss=sums[4] / sums[5])
+        return out
+
+    def diagnostics(self, rnd: int) -> dict:
+        """r(x) = 1/2 sum_i w_i ||g_i - g||^2 at the round's x over the round's clients (DESIGN.md
+        section 1), for every algorithm, each g_i on the client's fixed ``train.diagnostics_batch``
+        sample. Two all-reduces that are not training traffic (not in ``bytes`` or ``comm_rounds``)."""
+        be, x = self.backend, self.x
+        clients = self.round_clients(rnd)
+        total = sum(self.sizes[c] for c in clients)
+        weights = {c: self.sizes[c] / total for c in clients}
+        g = torch.zeros_like(x)
+        g_locals = self.executor.diagnostic_grads(be.assigned(clients), weights, x,
+                                                  self.cfg.train.diagnostics_batch, g)
+        be.all_reduce_(g, count=False)
+        s = torch.zeros(1, dtype=x.dtype, device=x.device)
+        for cid, g_i in g_locals.items():
+            s += weights[cid] * (g_i - g).pow(2).sum()
+        r, g_sq = 0.5 * float(be.all_reduce_(s, count=False)), float(g.pow(2).sum())
+        return {"diag_grad_variance": r, "diag_grad_variance_normalized": r / max(g_sq, 1e-30), "diag_grad_sq": g_sq}
 
     # ------------------------------------------------------------------ checkpoints
     def _prepare(self, run_dir: Path, ckpt_dir: Path, overwrite: bool, resume: str) -> Optional[dict]:
@@ -217,6 +249,9 @@ class Trainer:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         (run_dir / "partition.json").write_text(json.dumps(
             {"scheme": cfg.partition.scheme, "clients": {str(i): s.tolist() for i, s in enumerate(self.shards_np)}}))
+        if len(self.val_np):
+            (run_dir / "val_indices.json").write_text(json.dumps(
+                {"val_fraction": cfg.data.val_fraction, "indices": self.val_np.tolist()}))
         return latest[1] if latest else None
 
     def _restore(self, state: dict) -> None:
@@ -278,13 +313,17 @@ class Trainer:
             bar = tqdm(total=cfg.train.rounds, initial=self.counters.round, desc=cfg.algorithm.name,
                        unit="round", dynamic_ncols=True)
         handlers = _install_stop_handlers(self)
-        start = time.perf_counter() - self.counters.time
+        diag_every = cfg.train.diagnostics_every
         try:
             for rnd in range(self.counters.round + 1, cfg.train.rounds + 1):
+                diag = self.diagnostics(rnd) if diag_every and (rnd == 1 or rnd % diag_every == 0) else {}
+                start = time.perf_counter()
                 row = self.run_round(rnd)
+                # training wall time: evaluation and diagnostics are not counted
+                row["time"] = self.counters.time = self.counters.time + time.perf_counter() - start
+                row.update(diag)
                 if rnd % cfg.train.eval_every == 0 or rnd == cfg.train.rounds:
-                    row["test_acc"], row["test_loss"] = self.evaluate()
-                row["time"] = self.counters.time = time.perf_counter() - start
+                    row.update(self.evaluate())
                 self.last_row = row
                 if metrics:
                     _append(metrics, row)
@@ -292,7 +331,7 @@ class Trainer:
                     tracker.log(row)
                 if bar:
                     bar.update(1)
-                    bar.set_postfix({k: f"{row[k]:.4f}" for k in ("train_loss", "test_acc") if k in row}, refresh=False)
+                    bar.set_postfix({k: f"{row[k]:.4f}" for k in ("train_loss", "val_acc", "test_acc") if k in row}, refresh=False)
                 every = cfg.train.checkpoint_every
                 if self.stop_agreed or (every and rnd % every == 0) or rnd == cfg.train.rounds:
                     path = self._checkpoint(ckpt_dir)
@@ -325,6 +364,7 @@ class Trainer:
         row = self.last_row
         summary = {k: row.get(k) for k in ("round", "comm_rounds", "updates", "samples", "bytes",
                                             "train_loss", "test_acc", "test_loss", "time")}
+        summary.update({k: row[k] for k in ("val_acc", "val_loss") if k in row})
         summary["algorithm"] = self.cfg.algorithm.name
         return summary
 

@@ -5,6 +5,24 @@ comes from generators seeded by (seed, round, client id, purpose), never from a 
 RNG, so a client computes the same numbers whichever rank runs it: the root of world-size
 invariance (DESIGN.md section 2). Results are accumulated as weighted sums into flat buffers
 that the engine all-reduces.
+
+The index streams are a pure function of (seed, round, client) that numpy alone re-derives
+(tests/test_algorithms.py does). For client ``cid`` (shard of n samples) in round ``rnd``
+(1-based) of a run with ``seed``, let ``rng(p) = np.random.default_rng(np.random.SeedSequence(
+[seed, rnd, cid, p]))``. Then:
+
+* the minibatches of the K local steps (``local_batches``, batch size b = ``local_batch_size``):
+  with b "full" or b >= n, ``arange(n)`` at every step. Otherwise r = rng(1),
+  perm = r.permutation(n), pos = 0, and for each step: if pos + b > n then
+  perm = r.permutation(n) (the same r), pos = 0; the step's batch is perm[pos:pos + b]; pos += b.
+* the g_i subsample of SCAFFOLD and FedGA (``grad_batch``, s = ``full_grad_batch``): with
+  s "full" or s >= n, ``arange(n)``; otherwise sorted(rng(2).permutation(n)[:s]).
+* GradAlign takes g_i on its single local minibatch, the first of ``local_batches``.
+* the fixed per-client sample of the r(x) diagnostic (``train.diagnostics_batch``) is the g_i
+  subsample of "round 0" (rounds start at 1): the same positions every time, for every algorithm.
+
+Positions index the client's shard (its dataset indices from the partition). Augmentation
+draws from a torch generator, ``client_generator(seed, rnd, cid, 3, step)``.
 """
 from __future__ import annotations
 
@@ -21,33 +39,42 @@ _BATCHES, _GRAD_SUBSAMPLE, _AUGMENT = 1, 2, 3
 
 
 def client_generator(seed: int, rnd: int, cid: int, purpose: int, step: int = 0) -> torch.Generator:
-    """A CPU generator that depends only on (seed, round, client, purpose, step)."""
+    """A CPU torch generator that depends only on (seed, round, client, purpose, step): for
+    augmentation (torch ops need a torch generator; the index streams use :func:`index_rng`)."""
     state = np.random.SeedSequence([seed, rnd, cid, purpose, step]).generate_state(2, np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def index_rng(seed: int, rnd: int, cid: int, purpose: int) -> np.random.Generator:
+    """The numpy generator of an index stream: ``default_rng(SeedSequence([seed, rnd, cid, purpose]))``."""
+    return np.random.default_rng(np.random.SeedSequence([seed, rnd, cid, purpose]))
 
 
 def local_batches(seed: int, rnd: int, cid: int, n: int, steps: int, batch_size) -> list[torch.Tensor]:
     """Positions (into the client's shard) of the minibatch of each local step: epochs of a
     seeded permutation, reshuffled when fewer than ``batch_size`` samples remain. ``full``
-    (or a batch at least the shard) is the whole shard at every step: deterministic."""
+    (or a batch at least the shard) is the whole shard at every step: deterministic.
+
+    Exactly: r = index_rng(seed, rnd, cid, 1); perm = r.permutation(n); pos = 0; then per
+    step: if pos + b > n: perm = r.permutation(n), pos = 0; batch = perm[pos:pos + b]; pos += b."""
     if batch_size == "full" or batch_size >= n:
         return [torch.arange(n)] * steps
-    gen = client_generator(seed, rnd, cid, _BATCHES)
-    perm, pos, out = torch.randperm(n, generator=gen), 0, []
+    rng = index_rng(seed, rnd, cid, _BATCHES)
+    perm, pos, out = rng.permutation(n), 0, []
     for _ in range(steps):
         if pos + batch_size > n:
-            perm, pos = torch.randperm(n, generator=gen), 0
-        out.append(perm[pos:pos + batch_size])
+            perm, pos = rng.permutation(n), 0
+        out.append(torch.from_numpy(perm[pos:pos + batch_size]))
         pos += batch_size
     return out
 
 
 def grad_batch(seed: int, rnd: int, cid: int, n: int, size) -> torch.Tensor:
-    """Positions used for g_i: the whole shard, or a seeded subsample of ``size``."""
+    """Positions used for g_i: the whole shard (``full`` or size >= n), or the seeded subsample
+    ``sorted(index_rng(seed, rnd, cid, 2).permutation(n)[:size])``."""
     if size == "full" or size >= n:
         return torch.arange(n)
-    perm = torch.randperm(n, generator=client_generator(seed, rnd, cid, _GRAD_SUBSAMPLE))
-    return perm[:size].sort().values
+    return torch.from_numpy(np.sort(index_rng(seed, rnd, cid, _GRAD_SUBSAMPLE).permutation(n)[:size]))
 
 
 def batch_size_of(n: int, size) -> int:
@@ -145,6 +172,23 @@ class SequentialExecutor:
             self._check(f"client {cid}: its gradient g_i at x", out[cid])
             if not armed:
                 buf[:x.numel()].add_(out[cid], alpha=weights[cid])
+        return out
+
+    @torch.no_grad()
+    def diagnostic_grads(self, clients: list[int], weights: dict[int, float], x: torch.Tensor, size,
+                         buf: torch.Tensor) -> dict[int, torch.Tensor]:
+        """g_i at x for ``train.diagnostics_every``: each client's gradient on its fixed diagnostic
+        sample (the whole shard, or the ``grad_batch`` subsample of round 0 of ``size`` samples:
+        the same positions every time, for every algorithm), without augmentation. Adds w_i g_i
+        into ``buf``; returns {cid: g_i}."""
+        self.fm.params.copy_(x)
+        out = {}
+        for cid in clients:
+            idx = self.shards[cid][grad_batch(self.seed, 0, cid, len(self.shards[cid]), size)].to(self.x_train.device)
+            with torch.enable_grad():
+                loss_and_grad(self.fm, self.x_train[idx], self.y_train[idx], self.micro_batch)
+            out[cid] = self.fm.grads.clone()
+            buf.add_(out[cid], alpha=weights[cid])
         return out
 
     @torch.no_grad()

@@ -9,9 +9,11 @@ groups runs whose configs differ only in ``seed`` (and ``run_dir``, ``logging``,
 - ``loss.png``: test loss, same layout;
 - ``grad_variance.png``: ``grad_variance`` (r(x)) against round on a log scale, for the groups
   that log it (scaffold, fedga, gradalign); not written when none does;
+- ``diag_grad_variance.png``: the same for the diagnostic r(x) that every algorithm logs with
+  ``train.diagnostics_every`` (the paper's Figures 9/10); not written when none does;
 - ``table.md`` and ``table.json``: per group, the number of seeds, final and best test accuracy
-  (mean +- std over seeds, in percent) and, with ``target``, the updates and communication
-  rounds to first reach it.
+  and, with a validation hold-out, final validation accuracy (mean +- std over seeds, in
+  percent) and, with ``target``, the updates and communication rounds to first reach it.
 
 Statistics over seeds: the mean, and the *sample* standard deviation (``ddof=1``); with a
 single seed the std is undefined (``null`` in JSON, no ``+-`` in the table, no band in plots).
@@ -164,17 +166,22 @@ def mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
     return float(arr.mean()), std
 
 
+COUNTERS = ("round", "comm_rounds", "updates", "samples", "time")
+
+
 def aligned(group: Group, key: str) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """Values of ``key`` per round over the group's runs, on the rounds where every run that
-    logs ``key`` has it. Returns (rounds, {"comm_rounds", "updates"}: x values, values with
-    shape (runs, rounds)); empty arrays when no run logs ``key``."""
+    logs ``key`` has it. Returns (rounds, {counter: x values} for the :data:`COUNTERS` (``time``:
+    the mean over the runs), values with shape (runs, rounds)); empty arrays when no run logs
+    ``key``."""
     per_run = [{r["round"]: r for r in run.rows if r.get(key) is not None} for run in group.runs]
     per_run = [d for d in per_run if d]
     if not per_run:
-        return np.array([]), {"comm_rounds": np.array([]), "updates": np.array([])}, np.zeros((0, 0))
+        return np.array([]), {c: np.array([]) for c in COUNTERS}, np.zeros((0, 0))
     rounds = sorted(set.intersection(*(set(d) for d in per_run)))
     first = per_run[0]
-    xs = {c: np.array([first[r][c] for r in rounds], dtype=float) for c in ("comm_rounds", "updates")}
+    xs = {c: np.array([first[r][c] for r in rounds], dtype=float) for c in COUNTERS if c != "time"}
+    xs["time"] = np.array([np.mean([d[r].get("time", np.nan) for d in per_run]) for r in rounds], dtype=float)
     values = np.array([[d[r][key] for r in rounds] for d in per_run], dtype=float)
     return np.array(rounds), xs, values
 
@@ -185,6 +192,7 @@ def group_stats(group: Group, target: Optional[float]) -> dict:
     bests = [max(r["test_acc"] for r in run.evals) for run in group.runs if run.evals]
     final_mean, final_std = mean_std(finals)
     best_mean, best_std = mean_std(bests)
+    vals = [run.evals[-1]["val_acc"] for run in group.runs if run.evals and "val_acc" in run.evals[-1]]
     row = {
         "label": group.label,
         "algorithm": group.config.get("algorithm.name"),
@@ -199,6 +207,9 @@ def group_stats(group: Group, target: Optional[float]) -> dict:
         "best_test_acc_mean": best_mean,
         "best_test_acc_std": best_std,
     }
+    if vals:
+        row["final_val_acc"] = vals
+        row["final_val_acc_mean"], row["final_val_acc_std"] = mean_std(vals)
     if target is not None:
         ups = [first_reaching(run.rows, target, "updates") for run in group.runs]
         comms = [first_reaching(run.rows, target, "comm_rounds") for run in group.runs]
@@ -233,7 +244,8 @@ def _target_name(target: float) -> str:
 def markdown_table(rows: list[dict], target: Optional[float], hidden: list[str] = ()) -> str:
     """The paper's Table 1 layout: one row per group. ``hidden``: config keys that differ
     between groups but are not shown in the labels (they go with the algorithm)."""
-    head = ["group", "seeds", "final test acc (%)", "best test acc (%)"]
+    with_val = any("final_val_acc" in row for row in rows)
+    head = ["group", "seeds", "final test acc (%)", "best test acc (%)"] + (["final val acc (%)"] if with_val else [])
     if target is not None:
         t = _target_name(target)
         head += [f"target {t}", f"updates to {t}", f"comm rounds to {t}"]
@@ -242,6 +254,8 @@ def markdown_table(rows: list[dict], target: Optional[float], hidden: list[str] 
         cells = [row["label"], str(row["num_runs"]),
                  _pct(row["final_test_acc_mean"], row["final_test_acc_std"]),
                  _pct(row["best_test_acc_mean"], row["best_test_acc_std"])]
+        if with_val:
+            cells.append(_pct(row.get("final_val_acc_mean"), row.get("final_val_acc_std")))
         if target is not None:
             cells += [f"{row['reached']}/{row['num_runs']} reached",
                       _count(row["updates_to_target_mean"]), _count(row["comm_rounds_to_target_mean"])]
@@ -301,24 +315,32 @@ def _figure_legend(fig, ax) -> None:
     fig.legend(handles, labels, loc="outside lower center", ncol=ncol, frameon=False)
 
 
+AXES = {"round": "rounds", "comm_rounds": "communication rounds",
+        "updates": "updates (sequential parameter steps)", "samples": "samples (gradient evaluations)",
+        "time": "training wall time (s)"}
+
+
 def plot_metric(groups: list[Group], key: str, ylabel: str, title: str, path: Path,
-                scale: float = 1.0) -> None:
-    """Two panels: ``key`` against communication rounds (left) and updates (right)."""
+                scale: float = 1.0, xkeys: tuple[str, ...] = ("comm_rounds", "updates"),
+                ylim: Optional[tuple] = None) -> None:
+    """One panel per x axis in ``xkeys`` (counters of :data:`AXES`): ``key`` against it."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), layout="constrained")
+    fig, axes = plt.subplots(1, len(xkeys), figsize=(5.5 * len(xkeys), 4.6), layout="constrained", squeeze=False)
+    axes = axes[0]
     for g, color in zip(groups, _colors(len(groups))):
         _, xs, values = aligned(g, key)
         if values.size == 0:
             continue
-        for ax, xkey in zip(axes, ("comm_rounds", "updates")):
+        for ax, xkey in zip(axes, xkeys):
             _band(ax, xs[xkey], scale * values, color, g.label)
-    for ax, xlabel in zip(axes, ("communication rounds", "updates (sequential parameter steps)")):
-        ax.set_xlabel(xlabel)
+    for ax, xkey in zip(axes, xkeys):
+        ax.set_xlabel(AXES[xkey])
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.set_xlim(left=0)
-    axes[0].set_title("by communication rounds")
-    axes[1].set_title("by updates")
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.set_title(f"by {AXES[xkey].split(' (')[0]}")
     fig.suptitle(f"{title} ({_seed_note(groups)})")
     _figure_legend(fig, axes[0])
     fig.savefig(path, dpi=120)
@@ -337,16 +359,17 @@ def _plain_log_formatter(**kwargs):
     return PlainLogFormatter(**kwargs)
 
 
-def plot_grad_variance(groups: list[Group], path: Path) -> bool:
-    """``grad_variance`` against round, log y; False (nothing written) if no group logs it."""
+def plot_grad_variance(groups: list[Group], path: Path, key: str = "grad_variance") -> bool:
+    """``key`` (``grad_variance`` or the diagnostic ``diag_grad_variance``) against round, log y;
+    False (nothing written) if no group logs it. Colors follow the order of ``groups``."""
     plt = _pyplot()
     logged = [(g, c) for g, c in zip(groups, _colors(len(groups)))
-              if any(r.get("grad_variance") is not None for run in g.runs for r in run.rows)]
+              if any(r.get(key) is not None for run in g.runs for r in run.rows)]
     if not logged:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
     for g, color in logged:
-        rounds, _, values = aligned(g, "grad_variance")
+        rounds, _, values = aligned(g, key)
         _band(ax, rounds, values, color, g.label, log=True)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(_plain_log_formatter())
@@ -357,7 +380,8 @@ def plot_grad_variance(groups: list[Group], path: Path) -> bool:
     ax.grid(alpha=0.1, which="minor")
     ax.set_xlim(left=0)
     note = _seed_note([g for g, _ in logged]).replace("mean", "geometric mean").replace("std", "geometric std")
-    ax.set_title(f"Gradient variance across clients\n({note})")
+    what = "diagnostic, every algorithm" if key.startswith("diag") else "from each algorithm's own g_i"
+    ax.set_title(f"Gradient variance across clients ({what})\n({note})")
     _figure_legend(fig, ax)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -384,8 +408,9 @@ def report(run_dirs: list[str], out_dir: str, target: float | None = None) -> di
         path = out / name
         plot_metric(groups, key, ylabel, title, path, scale)
         plots.append(str(path))
-    if plot_grad_variance(groups, out / "grad_variance.png"):
-        plots.append(str(out / "grad_variance.png"))
+    for key in ("grad_variance", "diag_grad_variance"):
+        if plot_grad_variance(groups, out / f"{key}.png", key):
+            plots.append(str(out / f"{key}.png"))
 
     rows = [group_stats(g, target) for g in groups]
     diff = differing_keys([g.config for g in groups])

@@ -3,7 +3,7 @@ torchrun on this machine, or submit them as one SLURM job array.
 
 A sweep file::
 
-    config: configs/offline/emnist47-het-fedga.yaml   # the base config
+    config: configs/offline/emnist-het-fedga.yaml     # the base config
     name: emnist47-het                                 # runs go to <root>/<name>/<run name>
     root: runs/sweeps
     nproc: 1                                           # ranks per run

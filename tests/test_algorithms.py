@@ -30,16 +30,44 @@ def ref_grad(W, X, Y, C):
     return P.T @ Xa / len(X)
 
 
-def ref_run(a, X, Y, C, shards, rounds_clients):
-    """The algorithms of DESIGN.md section 1 with full-batch local steps, in numpy float64."""
+def _stream(seed, rnd, cid, purpose):
+    return np.random.default_rng(np.random.SeedSequence([seed, rnd, cid, purpose]))
+
+
+def ref_local_batches(seed, rnd, cid, n, steps, b):
+    """Shard positions of each local step, from the spec in dist_gradalign/executor.py's docstring."""
+    if b == "full" or b >= n:
+        return [np.arange(n)] * steps
+    r = _stream(seed, rnd, cid, 1)
+    perm, pos, out = r.permutation(n), 0, []
+    for _ in range(steps):
+        if pos + b > n:
+            perm, pos = r.permutation(n), 0
+        out.append(perm[pos:pos + b])
+        pos += b
+    return out
+
+
+def ref_grad_positions(a, seed, rnd, cid, n):
+    """Shard positions of g_i: GradAlign's first local minibatch, else the ``full_grad_batch`` subsample."""
+    if a["name"] == "gradalign":
+        return ref_local_batches(seed, rnd, cid, n, 1, a["local_batch_size"])[0]
+    s = a["full_grad_batch"]
+    return np.arange(n) if s == "full" or s >= n else np.sort(_stream(seed, rnd, cid, 2).permutation(n)[:s])
+
+
+def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_positions):
+    """The algorithms of DESIGN.md section 1 in numpy float64, for rounds 1, 2, ... with the
+    given clients; minibatches and the g_i samples re-derived by the functions above."""
     W = np.zeros((C, X.shape[1] + 1))
     mom = np.zeros_like(W)
     K = 1 if a["name"] in ("lbsgd", "gradalign") else a["local_steps"]
     variances = []
-    for clients in rounds_clients:
+    for rnd, clients in enumerate(rounds_clients, start=1):
         sizes = np.array([len(shards[c]) for c in clients], dtype=float)
         w = sizes / sizes.sum()
-        gi = [ref_grad(W, X[shards[c]], Y[shards[c]], C) for c in clients]
+        sub = [shards[c][grad_positions(a, seed, rnd, c, len(shards[c]))] for c in clients]
+        gi = [ref_grad(W, X[s], Y[s], C) for s in sub]
         g = sum(wi * gii for wi, gii in zip(w, gi))
         variances.append(0.5 * sum(wi * ((gii - g) ** 2).sum() for wi, gii in zip(w, gi)))
         avg = np.zeros_like(W)
@@ -47,8 +75,8 @@ def ref_run(a, X, Y, C, shards, rounds_clients):
             y = W.copy()
             if a["name"] in ("fedga", "gradalign"):
                 y -= a["beta"] * (g - gii)
-            for _ in range(K):
-                d = ref_grad(y, X[shards[c]], Y[shards[c]], C) + a["weight_decay"] * y
+            for pos in ref_local_batches(seed, rnd, c, len(shards[c]), K, a["local_batch_size"]):
+                d = ref_grad(y, X[shards[c][pos]], Y[shards[c][pos]], C) + a["weight_decay"] * y
                 if a["name"] == "fedprox":
                     d += a["mu"] * (y - W)
                 if a["name"] == "scaffold":
@@ -110,6 +138,72 @@ def test_matches_numpy_reference(tmp_path, name, server, comm):
     n = W.size
     per_round = 8 * ((n + 4) + (n if name in ("scaffold", "fedga", "gradalign") else 0))
     assert [r["bytes"] for r in rows] == [per_round, 2 * per_round, 3 * per_round]
+
+
+MINIBATCH = {"lr": 0.4, "local_batch_size": 4, "full_grad_batch": 5, "weight_decay": 0.01, "server_lr": 0.7,
+             "server_momentum": 0.5, "beta": 0.0, "mu": 0.0, "local_steps": 1}
+
+
+def _minibatch_run(tmp_path, name, comm):
+    """A float64 run of ``name`` with minibatches of 4 and g_i subsamples of 5 on 40 samples in
+    4 dirichlet shards of at least 6: returns what ref_run needs and the trainer's W and rows."""
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(40, 1, 3)).astype(np.float32).astype(np.float64)
+    Y = np.arange(40) % 3
+    path = write_npz(tmp_path / "small.npz", X, Y, X, Y)
+    algo = {"name": name, **MINIBATCH, **ALGOS[name]}
+    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo, seed=3,
+                      partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3, "min_size": 6},
+                      train={"rounds": 3, "clients_per_round": 3, "precision": "float64", "comm": comm})
+    Trainer(cfg).fit()
+    rows = run_dir_rows(cfg.run_dir)
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    shards = [np.array(v) for v in json.loads((tmp_path / "run" / "partition.json").read_text())["clients"].values()]
+    sd = load_params(cfg.run_dir)
+    W = np.hstack([sd["linear.weight"].numpy(), sd["linear.bias"].numpy()[:, None]])
+    return algo, X.reshape(40, 3), Y, shards, rows, W, cfg.seed
+
+
+@pytest.mark.parametrize("comm", ["bucketed", "flat"])
+@pytest.mark.parametrize("name", list(ALGOS))
+def test_minibatch_run_matches_numpy_reference(tmp_path, name, comm):
+    """With minibatches and g_i subsamples, the reference re-derives the index streams from the
+    spec in executor.py's docstring: it catches g_i taken on the wrong samples."""
+    algo, X, Y, shards, rows, W, seed = _minibatch_run(tmp_path, name, comm)
+    sizes = {len(shards[c]) for r in rows for c in r["clients"]}
+    assert len(sizes) > 1, "the test needs unequal client sizes (sample-size weights)"
+    assert min(sizes) > 5, "minibatches and g_i subsamples smaller than every shard"
+    assert any(n < 3 * 4 for n in sizes), "some client reshuffles its epoch within K = 3 steps"
+    W_ref, var_ref = ref_run(algo, X, Y, 3, shards, [r["clients"] for r in rows], seed=seed)
+    np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
+    if name in ("scaffold", "fedga", "gradalign"):
+        np.testing.assert_allclose([r["grad_variance"] for r in rows], var_ref, rtol=1e-9)
+    else:
+        assert "grad_variance" not in rows[0]
+
+
+def _next_round_batch(a, seed, rnd, cid, n):
+    return ref_local_batches(seed, rnd + 1, cid, n, 1, a["local_batch_size"])[0]
+
+
+def _subsample_of_batch_size(a, seed, rnd, cid, n):
+    return np.sort(np.random.default_rng(np.random.SeedSequence([seed, rnd, cid, 2])).permutation(n)[:4])
+
+
+def _second_batch(a, seed, rnd, cid, n):
+    return ref_local_batches(seed, rnd, cid, n, 2, a["local_batch_size"])[1]
+
+
+@pytest.mark.parametrize("wrong", [_next_round_batch, _subsample_of_batch_size, _second_batch])
+def test_gradalign_g_i_on_another_minibatch_is_caught(tmp_path, wrong):
+    """The check has teeth: a reference taking GradAlign's g_i on another minibatch of the same
+    size (the next round's, a subsample stream's, the epoch's second) does not match the trainer."""
+    algo, X, Y, shards, rows, W, seed = _minibatch_run(tmp_path, "gradalign", "flat")
+    clients = [r["clients"] for r in rows]
+    np.testing.assert_allclose(W, ref_run(algo, X, Y, 3, shards, clients, seed=seed)[0], rtol=1e-10, atol=1e-12)
+    W_wrong, var_wrong = ref_run(algo, X, Y, 3, shards, clients, seed=seed, grad_positions=wrong)
+    assert not np.allclose(W, W_wrong, rtol=1e-6, atol=0)
+    assert not np.allclose([r["grad_variance"] for r in rows], var_wrong, rtol=1e-6)
 
 
 def test_lbsgd_first_step_by_hand(tmp_path):

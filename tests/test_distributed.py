@@ -30,10 +30,10 @@ def _configs(root, world):
     def add(name, algo_name, train=None, **algo_kw):
         algo = {"name": algo_name, "lr": 0.1, "local_steps": 3, "local_batch_size": 16, "weight_decay": 1e-3,
                 **ALGOS[algo_name], **algo_kw}
-        cfg = base_config(root / f"w{world}" / name, algorithm=algo,
+        cfg = base_config(root / f"w{world}" / name, algorithm=algo, data={"val_fraction": 0.1},
                           partition={"scheme": "dirichlet", "num_clients": 6, "alpha": 1.0},
                           train={"rounds": 4, "clients_per_round": 5, "eval_every": 2, "bucket_mb": 2**-10,
-                                 **(train or {})})
+                                 "diagnostics_every": 3, **(train or {})})
         out.append(cfg.to_dict())
 
     for name in ALGOS:
@@ -77,8 +77,12 @@ def test_world_size_invariance(runs, name):
             for key in ("round", "comm_rounds", "updates", "samples", "bytes", "clients"):
                 assert a[key] == b[key], (name, world, key)
             assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
-            if "test_acc" in a:
-                assert b["test_acc"] == pytest.approx(a["test_acc"], abs=1e-3)
+            for key in ("test_acc", "val_acc"):
+                if key in a:
+                    assert b[key] == pytest.approx(a[key], abs=1e-3), (name, world, key)
+            assert ("diag_grad_variance" in a) == ("diag_grad_variance" in b)
+            if "diag_grad_variance" in a:  # the diagnostic r(x), summed over ranks
+                assert b["diag_grad_variance"] == pytest.approx(a["diag_grad_variance"], rel=1e-4)
 
 
 @pytest.mark.parametrize("name", list(COMM))

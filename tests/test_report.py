@@ -140,3 +140,17 @@ def test_seed_run_dir_logging_progress_do_not_split_groups(runs):
     assert [len(g.runs) for g in group_runs([a, b])] == [2]
     b.config["algorithm.lr"] = 0.5
     assert [g.label for g in group_runs([a, b])] == ["fedavg lr=0.05", "fedavg lr=0.5"]
+
+
+def test_validation_column_and_diagnostic_plot(tmp_path):
+    """With a hold-out and diagnostics, the table shows final validation accuracy and the
+    diagnostic r(x) of every algorithm (fedavg included) gets its own plot."""
+    dirs = [train(tmp_path / f"{a}-s{s}", a, s, "data.val_fraction=0.2", "train.diagnostics_every=2")
+            for a in ALGOS for s in SEEDS]
+    res = report(dirs, str(tmp_path / "out"))
+    assert "diag_grad_variance.png" in {Path(p).name for p in res["plots"]}
+    assert (tmp_path / "out" / "diag_grad_variance.png").read_bytes().startswith(PNG_MAGIC)
+    assert "final val acc (%)" in (tmp_path / "out" / "table.md").read_text()
+    groups = {g["label"]: g for g in json.loads((tmp_path / "out" / "table.json").read_text())["groups"]}
+    vals = [[r["val_acc"] for r in read_metrics(d) if "val_acc" in r][-1] for d in dirs[:2]]
+    assert groups["fedavg"]["final_val_acc_mean"] == pytest.approx(np.mean(vals))

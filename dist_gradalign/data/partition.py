@@ -11,6 +11,9 @@
   least ``min_size`` samples (resampling, then moving samples from the largest clients).
 
 Every scheme is disjoint, complete and a deterministic function of the labels, config and seed.
+
+:func:`holdout` takes the validation set (``data.val_fraction``) out of the training set before
+any of these run, so it is disjoint from every client's shard.
 """
 from __future__ import annotations
 
@@ -19,12 +22,32 @@ import numpy as np
 from ..config import ConfigError, PartitionConfig
 
 # One independent random stream per purpose, all derived from the run's seed.
-_TAG_IID, _TAG_SHARDS, _TAG_PERCENTAGE, _TAG_DIRICHLET = 101, 102, 103, 104
+_TAG_IID, _TAG_SHARDS, _TAG_PERCENTAGE, _TAG_DIRICHLET, _TAG_HOLDOUT = 101, 102, 103, 104, 105
 _DIRICHLET_TRIES = 100
 
 
 def _rng(seed: int, tag: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, tag]))
+
+
+def holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split the training indices into (validation, rest), both sorted int64.
+
+    Stratified: of each class's n_c samples, ``round(fraction * n_c)`` are held out, chosen by a
+    permutation from a generator seeded by (seed, 105) alone, so the hold-out does not depend
+    on the partition, the algorithm or the world size. ``fraction`` 0 holds out nothing.
+    """
+    labels = np.asarray(labels)
+    if fraction <= 0.0:
+        return np.zeros(0, dtype=np.int64), np.arange(len(labels), dtype=np.int64)
+    rng = _rng(seed, _TAG_HOLDOUT)
+    val = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        val.append(rng.permutation(members)[:int(round(fraction * len(members)))])
+    val = np.sort(np.concatenate(val)).astype(np.int64)
+    rest = np.setdiff1d(np.arange(len(labels), dtype=np.int64), val, assume_unique=True)
+    return val, rest
 
 
 def partition(labels: np.ndarray, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:

@@ -1,0 +1,498 @@
+"""The reproduction study (Table 1 and Figure 2 of the paper) under a protocol a reviewer accepts.
+
+Protocol, for every setting (BENCHMARKS.md states it in full):
+
+1. *Validation.* Every run holds out ``data.val_fraction = 0.1`` of the training set (stratified,
+   seeded, disjoint from the clients' shards). Every choice below is made on validation accuracy.
+2. *Tuning* on the tuning seeds (100, 101), per method, on a log2 grid around the paper's values
+   (lr for all; beta for fedga/gradalign; mu for fedprox): first lr in paper x {1/4, 1/2, 1, 2, 4},
+   then coordinate search: the best point's neighbours (x2, /2 in every tuned coordinate) are run
+   until the best point beats or ties all of them, so the chosen value is never at a grid edge
+   (the grid is capped at 2^+-6 around the paper's value; a choice at the cap is flagged).
+   Score of a point: mean over the tuning seeds of the mean validation accuracy of the last
+   three evaluations; a diverged run scores chance.
+3. *Reporting* on fresh seeds 0-4 at each method's chosen point: final test accuracy, and paired
+   differences against the baseline (fedavg, or large-batch SGD in the datacenter setting) on
+   the same seeds (same partition, client samples and minibatch streams), with a 95% t
+   confidence interval. The baseline is run for 2R rounds: its first R rounds are exactly its
+   R-round run (same seed, same streams), and the 2R point is the equal-communication (and more
+   than equal-compute) comparison for the methods that spend two communication rounds per round.
+   A diverged run stays in its row, scored at chance, and is counted.
+
+Runs go to ``runs/study/<setting>/<run>`` (checkpoints there: an interrupted run resumes); each
+finished or diverged run is also stored, compressed, in ``bench/results/<setting>/<run>.json.gz``
+(config, status, every metrics row), which is what ``--report-only`` reads: tables and plots are
+rebuilt from the committed results without rerunning. Runs whose result exists are skipped.
+
+    python bench/study.py emnist-het-mb                 # tune, then report (resumable)
+    python bench/study.py emnist-het-mb --hours 1       # stop launching runs after an hour
+    python bench/study.py emnist-het-mb --report-only   # tables and plots from bench/results
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import queue
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dist_gradalign.config import load_config  # noqa: E402
+from dist_gradalign.report import Group, Run, flatten, plot_grad_variance, plot_metric  # noqa: E402
+
+RUNS = REPO / "runs" / "study"
+RESULTS = REPO / "bench" / "results"
+DOCS = REPO / "docs" / "study"
+TUNE_SEEDS = (100, 101)
+REPORT_SEEDS = (0, 1, 2, 3, 4)
+FIRST_LR = (-2, -1, 0, 1, 2)  # exponents of 2 around the paper's lr
+CAP = 6  # |exponent| at most: 2^6 = 64x the paper's value either way
+SCORE_EVALS = 3  # validation accuracy averaged over the last evaluations
+PAPER = {"lr": 0.05, "beta": 0.025, "mu": 0.01}  # DESIGN.md section 3 (mu: not published)
+
+
+@dataclass(frozen=True)
+class Method:
+    label: str
+    algorithm: str
+    tune: tuple[str, ...] = ("lr",)
+    base: tuple = ()  # (param, paper value) overriding PAPER
+    overrides: tuple[str, ...] = ()
+
+    def value(self, param: str, exp: int) -> float:
+        return float(f"{dict(self.base).get(param, PAPER[param]) * 2.0 ** exp:.6g}")
+
+
+@dataclass
+class Setting:
+    name: str
+    title: str
+    config: str
+    overrides: list[str]
+    methods: list[Method]
+    baseline: str  # label of the method every other is compared with
+    rounds: int
+    chance: float
+    note: str = ""
+    run_overrides: list[str] = field(default_factory=list)
+
+
+FED = [Method("fedavg", "fedavg"), Method("fedprox", "fedprox", ("lr", "mu")),
+       Method("scaffold", "scaffold"), Method("fedga", "fedga", ("lr", "beta"))]
+EMNIST = ["model.name=mlp", "data.val_fraction=0.1", "train.eval_every=10", "train.diagnostics_every=10",
+          "train.checkpoint_every=50", "algorithm.local_steps=10", "algorithm.full_grad_batch=full"]
+CIFAR = ["data.val_fraction=0.1", "train.eval_every=10", "train.diagnostics_every=10",
+         "train.diagnostics_batch=1000", "train.checkpoint_every=10"]
+
+
+def _emnist(split: str, batch) -> Setting:
+    kind = "heterogeneous (one class per client)" if split == "het" else "IID"
+    return Setting(
+        name=f"emnist-{split}" + ("" if batch == "full" else "-mb"),
+        title=f"EMNIST-47 {kind}, 10 of 47 clients per round, K = 10, "
+              + ("local batch = the whole shard (the paper)" if batch == "full" else f"local batch {batch}"),
+        config=f"configs/offline/emnist-{split}-fedavg.yaml",
+        overrides=[*EMNIST, f"algorithm.local_batch_size={batch}"], methods=FED, baseline="fedavg",
+        rounds=300, chance=1 / 47,
+        note="mlp (784-200-200-47) instead of cnn_emnist: the CNN cannot reach flat curves on 2 CPU cores")
+
+
+DC = [Method("lbsgd", "lbsgd", base=(("lr", 0.2),)),
+      Method("lbsgd-2x-batch", "lbsgd", base=(("lr", 0.2),), overrides=("algorithm.local_batch_size=128",)),
+      Method("gradalign", "gradalign", ("lr", "beta"), (("lr", 0.2),)),
+      Method("scaffold", "scaffold", base=(("lr", 0.2),))]
+
+SETTINGS = {s.name: s for s in [
+    _emnist("het", 60), _emnist("iid", 60), _emnist("het", "full"), _emnist("iid", "full"),
+    Setting("emnist-dc", "EMNIST-47 datacenter: 10 workers, one IID shard each, all in every update, "
+            "10 x 64 samples per update (Figure 2, bottom, on the CPU)", "configs/offline/emnist-iid-fedavg.yaml",
+            ["model.name=mlp", "data.val_fraction=0.1", "partition.num_clients=10", "train.clients_per_round=10",
+             "algorithm.local_steps=1", "algorithm.local_batch_size=64", "algorithm.full_grad_batch=full",
+             "train.eval_every=20", "train.diagnostics_every=20", "train.checkpoint_every=100"],
+            DC, "lbsgd", 600, 1 / 47,
+            note="mlp (784-200-200-47); scaffold with K = 1 takes g_i on the whole shard; "
+                 "lbsgd-2x-batch spends GradAlign's two gradient evaluations per update on one twice-larger batch"),
+    Setting("cifar10-fed", "CIFAR-10, cnn_cifar, 10 IID clients, all sampled, K = 20, batch 100 (Figure 2, top)",
+            "configs/offline/cifar10-iid-fedavg.yaml", [*CIFAR, "algorithm.local_steps=20",
+                                                        "algorithm.local_batch_size=100"],
+            [Method(m.label, m.algorithm, m.tune, (("lr", 0.2),)) for m in FED], "fedavg", 200, 0.1),
+    Setting("cifar10-dc", "CIFAR-10, cnn_cifar, 10 workers x 500 samples per update (Figure 2, bottom)",
+            "configs/offline/cifar10-datacenter-lbsgd.yaml", CIFAR,
+            [Method(m.label, m.algorithm, m.tune, m.base, tuple(o.replace("=128", "=1000") for o in m.overrides))
+             for m in DC], "lbsgd", 400, 0.1),
+]}
+
+
+# ---------------------------------------------------------------- runs and their results
+
+@dataclass(frozen=True)
+class Spec:
+    setting: str
+    method: Method
+    point: tuple  # ((param, exponent), ...) in method.tune order
+    seed: int
+    rounds: int
+
+    @property
+    def params(self) -> dict:
+        return {p: self.method.value(p, k) for p, k in self.point}
+
+    @property
+    def name(self) -> str:
+        s = SETTINGS[self.setting]
+        parts = [self.method.label, *(f"{p}={v:g}" for p, v in self.params.items()), f"s{self.seed}"]
+        return "_".join(parts + ([f"R{self.rounds}"] if self.rounds != s.rounds else []))
+
+    @property
+    def result_path(self) -> Path:
+        return RESULTS / self.setting / f"{self.name}.json.gz"
+
+    def args(self) -> list[str]:
+        s = SETTINGS[self.setting]
+        return [s.config, *s.overrides, *self.method.overrides, f"algorithm.name={self.method.algorithm}",
+                *(f"algorithm.{p}={v:g}" for p, v in self.params.items()), f"seed={self.seed}",
+                f"train.rounds={self.rounds}", f"run_dir={RUNS / self.setting / self.name}", "train.progress=false"]
+
+
+def load_result(spec: Spec):
+    if not spec.result_path.is_file():
+        return None
+    with gzip.open(spec.result_path, "rt") as f:
+        return json.load(f)
+
+
+def run_one(spec: Spec, core: int) -> str:
+    """Train (or resume) one run pinned to one core; store its result unless it failed."""
+    run_dir = RUNS / spec.setting / spec.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = ["taskset", "-c", str(core), sys.executable, "-m", "dist_gradalign", "train", *spec.args()]
+    with open(run_dir / "train.log", "a") as log:
+        rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    text = (run_dir / "train.log").read_text()
+    if rc == 0:
+        status = "finished"
+    elif "is not finite" in text:
+        status = "diverged"
+    else:
+        return f"FAILED (rc {rc}, see {run_dir / 'train.log'})"
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    cfg = load_config(spec.args()[0], spec.args()[1:]).to_dict()
+    result = {"name": spec.name, "label": spec.method.label, "params": spec.params, "seed": spec.seed,
+              "rounds": spec.rounds, "status": status, "config": cfg, "rows": rows,
+              "error": text.strip().splitlines()[-1] if status == "diverged" else None}
+    spec.result_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = spec.result_path.with_suffix(".tmp")
+    with gzip.open(tmp, "wt") as f:
+        json.dump(result, f, separators=(",", ":"))
+    tmp.replace(spec.result_path)
+    return status
+
+
+def run_pool(specs: list[Spec], jobs: int, deadline: float) -> None:
+    cores: queue.Queue = queue.Queue()
+    ncpu = len(os.sched_getaffinity(0))
+    for j in range(jobs):
+        cores.put(j % ncpu)
+
+    def work(i_spec):
+        i, spec = i_spec
+        if time.time() > deadline:
+            return
+        core = cores.get()
+        t0 = time.time()
+        try:
+            status = run_one(spec, core)
+        finally:
+            cores.put(core)
+        print(f"  [{i}/{len(specs)}] {spec.name}: {status} ({time.time() - t0:.0f}s)", flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(work, enumerate(specs, 1)))
+
+
+# ---------------------------------------------------------------- tuning
+
+def score(setting: Setting, result: dict) -> float:
+    """Mean validation accuracy of the last evaluations; chance for a diverged run."""
+    if result["status"] == "diverged":
+        return setting.chance
+    vals = [r["val_acc"] for r in result["rows"] if "val_acc" in r]
+    return float(np.mean(vals[-SCORE_EVALS:]))
+
+
+def _point(method: Method, **exps) -> tuple:
+    return tuple((p, exps.get(p, 0)) for p in method.tune)
+
+
+def search(setting: Setting, method: Method) -> tuple[list[tuple], dict, tuple | None]:
+    """(points still to run, {point: [score per tuning seed]}, chosen point or None).
+
+    First the lr line, then neighbours of the best point until it is better than or equal to
+    every neighbour that lies within the cap."""
+    scores: dict[tuple, list] = {}
+
+    def evaluated(pt):
+        if pt not in scores:
+            res = [load_result(Spec(setting.name, method, pt, s, setting.rounds)) for s in TUNE_SEEDS]
+            scores[pt] = [score(setting, r) if r else None for r in res]
+        return None not in scores[pt]
+
+    first = [_point(method, lr=k) for k in FIRST_LR]
+    todo = [pt for pt in first if not evaluated(pt)]
+    if todo:
+        return todo, scores, None
+    def best_so_far():
+        done = [pt for pt in scores if None not in scores[pt]]
+        return max(done, key=lambda pt: (np.mean(scores[pt]), -sum(abs(k) for _, k in pt)))
+
+    while True:
+        best = best_so_far()
+        todo = []
+        for i, (p, k) in enumerate(best):
+            for step in (-1, 1):
+                if abs(k + step) <= CAP:
+                    nb = best[:i] + ((p, k + step),) + best[i + 1:]
+                    if not evaluated(nb):
+                        todo.append(nb)
+        if todo:
+            return todo, scores, None
+        if best_so_far() == best:  # every neighbour run, none better
+            return [], scores, best
+
+
+def plan(setting: Setting) -> tuple[list[Spec], dict]:
+    """Every run the study needs now (tuning runs of unfinished searches, reporting runs of
+    finished ones), and the chosen points so far."""
+    specs, chosen = [], {}
+    for m in setting.methods:
+        todo, _, best = search(setting, m)
+        specs += [Spec(setting.name, m, pt, s, setting.rounds) for pt in todo for s in TUNE_SEEDS]
+        if best is not None:
+            chosen[m.label] = best
+            rounds = 2 * setting.rounds if m.label == setting.baseline else setting.rounds
+            specs += [Spec(setting.name, m, best, s, rounds) for s in REPORT_SEEDS]
+    return specs, chosen
+
+
+def run_setting(setting: Setting, jobs: int, deadline: float) -> bool:
+    """Run waves until the plan is complete (True) or the deadline passes (False)."""
+    wave = 0
+    while True:
+        specs, _ = plan(setting)
+        todo = [s for s in specs if not s.result_path.is_file()]
+        if not todo:
+            return True
+        if time.time() > deadline:
+            return False
+        wave += 1
+        print(f"== {setting.name}: wave {wave}, {len(todo)} runs", flush=True)
+        before = sum(1 for s in todo if s.result_path.is_file())
+        run_pool(todo, jobs, deadline)
+        if sum(1 for s in todo if s.result_path.is_file()) == before and time.time() <= deadline:
+            print(f"== {setting.name}: no run of the wave completed; stopping", file=sys.stderr, flush=True)
+            return False
+
+
+# ---------------------------------------------------------------- report
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def final_test(setting: Setting, result: dict, at_round: int) -> float:
+    """Test accuracy at round ``at_round`` (chance if the run diverged before)."""
+    for r in result["rows"]:
+        if r["round"] == at_round and "test_acc" in r:
+            return r["test_acc"]
+    if result["status"] == "diverged":
+        return setting.chance
+    raise ValueError(f"{result['name']}: no evaluation at round {at_round}")
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Mean of a - b and its 95% t confidence interval."""
+    d = np.asarray(a) - np.asarray(b)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, math.nan, math.nan
+    half = T975.get(len(d) - 1, 1.96) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return mean, mean - half, mean + half
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _fmt_point(method: Method, point: tuple) -> str:
+    return ", ".join(f"{p} {method.value(p, k):g}" for p, k in point)
+
+
+def tuning_table(setting: Setting) -> str:
+    lines = [f"Validation accuracy (%) of every tuned point, seeds {', '.join(map(str, TUNE_SEEDS))} "
+             f"(mean of the last {SCORE_EVALS} evaluations; a diverged run counts as chance, marked d). "
+             "Bold: chosen.", "", "| method | point | " + " | ".join(f"seed {s}" for s in TUNE_SEEDS)
+             + " | mean |", "|---|---|" + "---|" * (len(TUNE_SEEDS) + 1)]
+    for m in setting.methods:
+        _, scores, best = search(setting, m)
+        for pt in sorted(scores, key=lambda pt: tuple(k for _, k in pt)):
+            sc = scores[pt]
+            if None in sc:
+                continue
+            res = [load_result(Spec(setting.name, m, pt, s, setting.rounds)) for s in TUNE_SEEDS]
+            cells = [_pct(v) + (" d" if r["status"] == "diverged" else "") for v, r in zip(sc, res)]
+            mean = _pct(float(np.mean(sc)))
+            mark = (lambda t: f"**{t}**") if pt == best else (lambda t: t)
+            lines.append(f"| {m.label} | {mark(_fmt_point(m, pt))} | " + " | ".join(cells) + f" | {mark(mean)} |")
+        if best is None:
+            lines.append(f"| {m.label} | (search not finished) | " + " | ".join("" for _ in TUNE_SEEDS) + " | |")
+        elif any(abs(k) == CAP for _, k in best):
+            lines.append(f"| {m.label} | chosen point at the grid cap 2^+-{CAP}: not bracketed | |")
+    return "\n".join(lines) + "\n"
+
+
+def _reporting_results(setting: Setting, chosen: dict) -> dict:
+    out = {}
+    for m in setting.methods:
+        if m.label not in chosen:
+            continue
+        rounds = 2 * setting.rounds if m.label == setting.baseline else setting.rounds
+        res = [load_result(Spec(setting.name, m, chosen[m.label], s, rounds)) for s in REPORT_SEEDS]
+        if all(res):
+            out[m.label] = res
+    return out
+
+
+def report_tables(setting: Setting) -> tuple[str, dict]:
+    _, chosen = plan(setting)
+    results = _reporting_results(setting, chosen)
+    R, base = setting.rounds, setting.baseline
+    lines = [f"Final test accuracy (%) at round {R}, fresh seeds {', '.join(map(str, REPORT_SEEDS))} "
+             "(mean +- sample std; diverged runs scored at chance and counted).", "",
+             "| method | chosen on validation | test acc (%) | diverged | comm rounds | updates | samples (M) | "
+             "train time (s) |", "|---|---|---|---|---|---|---|---|"]
+    summary = {"setting": setting.name, "rounds": R, "seeds": list(REPORT_SEEDS), "methods": {}}
+
+    def at(res, rnd):
+        return [final_test(setting, r, rnd) for r in res]
+
+    def row_at(r, rnd):
+        rows = [x for x in r["rows"] if x["round"] <= rnd]
+        return rows[-1] if rows else {}
+
+    entries = [(m, R) for m in setting.methods if m.label in results]
+    if base in results:
+        entries.append((next(m for m in setting.methods if m.label == base), 2 * R))
+    for m, rnd in entries:
+        res = results[m.label]
+        accs = at(res, rnd)
+        div = sum(r["status"] == "diverged" for r in res)
+        last = [row_at(r, rnd) for r in res]
+        label = m.label if rnd == R else f"{m.label} ({rnd} rounds)"
+        lines.append(f"| {label} | {_fmt_point(m, chosen[m.label])} | {_pct(np.mean(accs))} +- "
+                     f"{_pct(np.std(accs, ddof=1))} | {div}/{len(res)} | {last[0].get('comm_rounds')} | "
+                     f"{last[0].get('updates')} | {last[0].get('samples', 0) / 1e6:.2f} | "
+                     f"{np.mean([x.get('time', math.nan) for x in last]):.0f} |")
+        summary["methods"][label] = {"params": {p: m.value(p, k) for p, k in chosen[m.label]},
+                                     "test_acc": accs, "diverged": div}
+    if base in results:
+        def val_at(rnd):
+            return np.mean([next((x["val_acc"] for x in r["rows"] if x["round"] == rnd and "val_acc" in x),
+                                 setting.chance) for r in results[base]])
+        early, late, longer = val_at(int(0.8 * R)), val_at(R), val_at(2 * R)
+        summary["flatness"] = {"val_acc_0.8R": early, "val_acc_R": late, "val_acc_2R": longer}
+        lines += ["", f"Flatness: {base}'s validation accuracy (mean over the seeds) is {_pct(early)}% at round "
+                  f"{int(0.8 * R)}, {_pct(late)}% at round {R} (+{100 * (late - early):.2f} points over the last "
+                  f"20%) and {_pct(longer)}% at round {2 * R}."]
+        lines += ["", f"Paired differences against {base} on the same seeds (percentage points, mean and 95% t "
+                  "confidence interval over the seeds; positive = better than the baseline):", "",
+                  f"| method | vs {base} at equal rounds ({R}) | vs {base} at {2 * R} rounds (equal communication "
+                  "for two-round methods) |", "|---|---|---|"]
+        for m in setting.methods:
+            if m.label == base or m.label not in results:
+                continue
+            a = at(results[m.label], R)
+            cells = []
+            for rnd in (R, 2 * R):
+                mean, lo, hi = paired(a, at(results[base], rnd))
+                cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+            lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
+            summary["methods"][m.label]["paired"] = {str(rnd): paired(a, at(results[base], rnd)) for rnd in (R, 2 * R)}
+    return "\n".join(lines) + "\n", {"summary": summary, "results": results, "chosen": chosen}
+
+
+def plots(setting: Setting, results: dict, out: Path) -> list[str]:
+    groups = []
+    for m in setting.methods:
+        if m.label not in results:
+            continue
+        runs = [Run(Path(r["name"]), flatten(r["config"]), r["rows"]) for r in results[m.label]]
+        groups.append(Group(m.label, runs[0].config, runs, m.label))
+    if not groups:
+        return []
+    paths = []
+    for key, ylabel, name in (("test_acc", "test accuracy (%)", "accuracy.png"),
+                              ("val_acc", "validation accuracy (%)", "val_accuracy.png")):
+        path = out / name
+        plot_metric(groups, key, ylabel, f"{setting.name}: {ylabel.split(' (')[0]}", path, 100.0,
+                    xkeys=("round", "comm_rounds", "updates", "samples", "time"))
+        paths.append(str(path))
+    if plot_grad_variance(groups, out / "grad_variance.png", "diag_grad_variance"):
+        paths.append(str(out / "grad_variance.png"))
+    return paths
+
+
+def report(setting: Setting) -> str:
+    out = DOCS / setting.name
+    out.mkdir(parents=True, exist_ok=True)
+    tables, data = report_tables(setting)
+    paths = plots(setting, data["results"], out)
+    n = len(list((RESULTS / setting.name).glob("*.json.gz")))
+    hours = sum(max((r.get("time", 0) for r in _rows(p)), default=0) for p in (RESULTS / setting.name).glob("*.json.gz")) / 3600
+    text = (f"### {setting.title}\n\n{setting.note + '. ' if setting.note else ''}{setting.rounds} rounds; "
+            f"{n} runs stored in `bench/results/{setting.name}/` ({hours:.1f} core-hours of training).\n\n"
+            f"**Tuning (validation).** {tuning_table(setting)}\n**Reporting (test, fresh seeds).** {tables}\n"
+            + "".join(f"![{Path(p).stem}](docs/study/{setting.name}/{Path(p).name})\n" for p in paths))
+    (out / "report.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(data["summary"], indent=1, default=float) + "\n")
+    _splice(setting.name, text)
+    return text
+
+
+def _rows(path: Path) -> list[dict]:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)["rows"]
+
+
+def _splice(name: str, text: str) -> None:
+    """Replace the block between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` in BENCHMARKS.md."""
+    path = REPO / "BENCHMARKS.md"
+    doc = path.read_text()
+    pattern = re.compile(rf"(<!-- study:{re.escape(name)} -->\n).*?(<!-- /study:{re.escape(name)} -->)", re.S)
+    if pattern.search(doc):
+        path.write_text(pattern.sub(lambda mt: mt.group(1) + text + mt.group(2), doc))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("settings", nargs="+", choices=list(SETTINGS))
+    p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from bench/results")
+    p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="runs at once, one core each")
+    p.add_argument("--hours", type=float, default=math.inf, help="launch no run after this many hours")
+    args = p.parse_args()
+    deadline = time.time() + args.hours * 3600
+    for name in args.settings:
+        if not args.report_only:
+            run_setting(SETTINGS[name], args.jobs, deadline)
+        print(report(SETTINGS[name]), flush=True)

@@ -1,0 +1,100 @@
+"""The study harness (bench/study.py): its search brackets the optimum, its statistics are right.
+
+The search is driven here by a synthetic objective written into result files, so that the
+optimum is known; the real runs of the study are its own evidence (BENCHMARKS.md)."""
+import gzip
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from util import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import study  # noqa: E402
+
+
+def _fake(spec, val, status="finished"):
+    """A result file as run_one writes it, with one evaluated row at the end of each round budget."""
+    R = spec.rounds
+    last = R if status == "finished" else R // 2  # a diverged run stops before its last round
+    rows = [{"round": r, "comm_rounds": r, "updates": r, "samples": 10 * r, "time": float(r),
+             "val_acc": val, "test_acc": val + 0.01 * (r > study.SETTINGS[spec.setting].rounds)}
+            for r in range(10, last + 1, 10)]
+    spec.result_path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(spec.result_path, "wt") as f:
+        json.dump({"name": spec.name, "status": status, "rows": rows, "config": {"seed": spec.seed}}, f)
+
+
+def _drive(setting, objective, max_waves=30):
+    """Run the study's waves with ``objective(method, exps) -> val acc`` in place of training."""
+    for _ in range(max_waves):
+        specs, chosen = study.plan(setting)
+        todo = [s for s in specs if not s.result_path.is_file()]
+        if not todo:
+            return chosen
+        for s in todo:
+            val = objective(s.method, dict(s.point))
+            _fake(s, 0.0, "diverged") if val is None else _fake(s, val)
+    raise AssertionError("the search did not finish")
+
+
+@pytest.fixture
+def setting(tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "RESULTS", tmp_path / "results")
+    return study.SETTINGS["emnist-het-mb"]
+
+
+def test_search_brackets_an_optimum_outside_the_first_grid(setting):
+    """fedga's optimum lies at lr x2^1 and beta x2^-3 (beta off the first grid); an lr of x2^2
+    or more diverges. The search must find it with every neighbour run, and no more than needed."""
+    def objective(method, e):
+        if e["lr"] >= 2:
+            return None
+        return 0.8 - 0.01 * (e["lr"] - 1) ** 2 - 0.01 * (e.get("beta", 0) + 3) ** 2 - 0.01 * (e.get("mu", 0) - 1) ** 2
+
+    chosen = _drive(setting, objective)
+    assert chosen["fedga"] == (("lr", 1), ("beta", -3))
+    assert chosen["fedprox"] == (("lr", 1), ("mu", 1))
+    assert chosen["fedavg"] == (("lr", 1),)
+    _, scores, best = study.search(setting, setting.methods[3])
+    for nb in [(("lr", 0), ("beta", -3)), (("lr", 2), ("beta", -3)), (("lr", 1), ("beta", -4)), (("lr", 1), ("beta", -2))]:
+        assert nb in scores, f"neighbour {nb} of the chosen point was not run"
+    assert np.mean(scores[(("lr", 2), ("beta", 0))]) == pytest.approx(setting.chance), "a diverged point scores chance"
+    table = study.tuning_table(setting)
+    assert "**lr 0.1, beta 0.003125**" in table and " d |" in table
+
+
+def test_a_monotone_objective_stops_at_the_cap_and_says_so(setting):
+    chosen = _drive(setting, lambda m, e: 0.5 + 0.01 * e["lr"])
+    assert chosen["fedavg"] == (("lr", study.CAP),)
+    assert "not bracketed" in study.tuning_table(setting)
+
+
+def test_paired_difference_and_confidence_interval():
+    a, b = [0.80, 0.82, 0.81, 0.79, 0.83], [0.78, 0.80, 0.80, 0.78, 0.80]
+    d = np.subtract(a, b)
+    half = 2.776 * d.std(ddof=1) / math.sqrt(5)  # t(0.975, 4)
+    mean, lo, hi = study.paired(a, b)
+    assert mean == pytest.approx(d.mean()) and lo == pytest.approx(d.mean() - half) and hi == pytest.approx(d.mean() + half)
+
+
+def test_report_counts_every_run_and_uses_the_baseline_at_both_lengths(setting):
+    """The baseline's 2R-round runs give both its R-round and its 2R-round numbers; a diverged
+    reporting run stays in its row, scored at chance."""
+    def objective(method, e):
+        return 0.7 + 0.01 * (method.label == "fedga") - 0.01 * sum(abs(k) for k in e.values())
+    chosen = _drive(setting, objective)
+    fedga = next(m for m in setting.methods if m.label == "fedga")
+    _fake(study.Spec(setting.name, fedga, chosen["fedga"], 4, setting.rounds), 0.0, "diverged")
+    text, data = study.report_tables(setting)
+    accs = data["summary"]["methods"]["fedga"]["test_acc"]
+    assert accs == pytest.approx([0.71] * 4 + [setting.chance]) and data["summary"]["methods"]["fedga"]["diverged"] == 1
+    assert "| fedga |" in text and "1/5" in text
+    assert data["summary"]["methods"]["fedavg"]["test_acc"] == pytest.approx([0.70] * 5)
+    assert data["summary"]["methods"][f"fedavg ({2 * setting.rounds} rounds)"]["test_acc"] == pytest.approx([0.71] * 5)
+    mean_r, _, _ = data["summary"]["methods"]["fedprox"]["paired"][str(setting.rounds)]
+    mean_2r, _, _ = data["summary"]["methods"]["fedprox"]["paired"][str(2 * setting.rounds)]
+    assert mean_r == pytest.approx(0.0) and mean_2r == pytest.approx(-0.01)

@@ -97,7 +97,7 @@ CIFAR = ["data.val_fraction=0.1", "train.eval_every=10", "train.diagnostics_ever
          "train.diagnostics_batch=1000", "train.checkpoint_every=10"]
 
 
-def _emnist(split: str, batch) -> Setting:
+def _emnist(split: str, batch, rounds: int) -> Setting:
     kind = "heterogeneous (one class per client)" if split == "het" else "IID"
     return Setting(
         name=f"emnist-{split}" + ("" if batch == "full" else "-mb"),
@@ -105,7 +105,7 @@ def _emnist(split: str, batch) -> Setting:
               + ("local batch = the whole shard (the paper)" if batch == "full" else f"local batch {batch}"),
         config=f"configs/offline/emnist-{split}-fedavg.yaml",
         overrides=[*EMNIST, f"algorithm.local_batch_size={batch}"], methods=FED, baseline="fedavg",
-        rounds=300, chance=1 / 47,
+        rounds=rounds, chance=1 / 47,
         note="mlp (784-200-200-47) instead of cnn_emnist: the CNN cannot reach flat curves on 2 CPU cores")
 
 
@@ -115,7 +115,7 @@ DC = [Method("lbsgd", "lbsgd", base=(("lr", 0.2),)),
       Method("scaffold", "scaffold", base=(("lr", 0.2),))]
 
 SETTINGS = {s.name: s for s in [
-    _emnist("het", 60), _emnist("iid", 60), _emnist("het", "full"), _emnist("iid", "full"),
+    _emnist("het", 60, 1000), _emnist("iid", 60, 300), _emnist("het", "full", 1000), _emnist("iid", "full", 300),
     Setting("emnist-dc", "EMNIST-47 datacenter: 10 workers, one IID shard each, all in every update, "
             "10 x 64 samples per update (Figure 2, bottom, on the CPU)", "configs/offline/emnist-iid-fedavg.yaml",
             ["model.name=mlp", "data.val_fraction=0.1", "partition.num_clients=10", "train.clients_per_round=10",
@@ -163,14 +163,17 @@ class Spec:
         s = SETTINGS[self.setting]
         return [s.config, *s.overrides, *self.method.overrides, f"algorithm.name={self.method.algorithm}",
                 *(f"algorithm.{p}={v:g}" for p, v in self.params.items()), f"seed={self.seed}",
-                f"train.rounds={self.rounds}", f"run_dir={RUNS / self.setting / self.name}", "train.progress=false"]
+                f"train.rounds={self.rounds}", f"run_dir={(RUNS / self.setting / self.name).relative_to(REPO)}",
+                "train.progress=false"]
 
 
 def load_result(spec: Spec):
+    """The stored result of ``spec``, or None (none yet, or one made with other arguments)."""
     if not spec.result_path.is_file():
         return None
     with gzip.open(spec.result_path, "rt") as f:
-        return json.load(f)
+        result = json.load(f)
+    return result if result.get("args", spec.args()) == spec.args() else None
 
 
 def run_one(spec: Spec, core: int) -> str:
@@ -191,7 +194,7 @@ def run_one(spec: Spec, core: int) -> str:
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     cfg = load_config(spec.args()[0], spec.args()[1:]).to_dict()
     result = {"name": spec.name, "label": spec.method.label, "params": spec.params, "seed": spec.seed,
-              "rounds": spec.rounds, "status": status, "config": cfg, "rows": rows,
+              "rounds": spec.rounds, "args": spec.args(), "status": status, "config": cfg, "rows": rows,
               "error": text.strip().splitlines()[-1] if status == "diverged" else None}
     spec.result_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = spec.result_path.with_suffix(".tmp")
@@ -292,16 +295,15 @@ def run_setting(setting: Setting, jobs: int, deadline: float) -> bool:
     wave = 0
     while True:
         specs, _ = plan(setting)
-        todo = [s for s in specs if not s.result_path.is_file()]
+        todo = [s for s in specs if load_result(s) is None]
         if not todo:
             return True
         if time.time() > deadline:
             return False
         wave += 1
         print(f"== {setting.name}: wave {wave}, {len(todo)} runs", flush=True)
-        before = sum(1 for s in todo if s.result_path.is_file())
         run_pool(todo, jobs, deadline)
-        if sum(1 for s in todo if s.result_path.is_file()) == before and time.time() <= deadline:
+        if all(load_result(s) is None for s in todo) and time.time() <= deadline:
             print(f"== {setting.name}: no run of the wave completed; stopping", file=sys.stderr, flush=True)
             return False
 

@@ -25,14 +25,15 @@ def _fake(spec, val, status="finished"):
             for r in range(10, last + 1, 10)]
     spec.result_path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(spec.result_path, "wt") as f:
-        json.dump({"name": spec.name, "status": status, "rows": rows, "config": {"seed": spec.seed}}, f)
+        json.dump({"name": spec.name, "args": spec.args(), "status": status, "rows": rows,
+                   "config": {"seed": spec.seed}}, f)
 
 
 def _drive(setting, objective, max_waves=30):
     """Run the study's waves with ``objective(method, exps) -> val acc`` in place of training."""
     for _ in range(max_waves):
         specs, chosen = study.plan(setting)
-        todo = [s for s in specs if not s.result_path.is_file()]
+        todo = [s for s in specs if study.load_result(s) is None]
         if not todo:
             return chosen
         for s in todo:
@@ -98,3 +99,19 @@ def test_report_counts_every_run_and_uses_the_baseline_at_both_lengths(setting):
     mean_r, _, _ = data["summary"]["methods"]["fedprox"]["paired"][str(setting.rounds)]
     mean_2r, _, _ = data["summary"]["methods"]["fedprox"]["paired"][str(2 * setting.rounds)]
     assert mean_r == pytest.approx(0.0) and mean_2r == pytest.approx(-0.01)
+
+
+def test_a_result_made_with_other_arguments_is_not_reused(setting):
+    """Changing a setting (say its rounds) makes its stored results stale: they are run again."""
+    spec = study.Spec(setting.name, setting.methods[0], (("lr", 0),), 100, setting.rounds)
+    _fake(spec, 0.5)
+    assert study.load_result(spec)["rows"][-1]["val_acc"] == 0.5
+    longer = study.Spec(setting.name, setting.methods[0], (("lr", 0),), 100, setting.rounds + 10)
+    longer_path = longer.result_path
+    assert longer_path != spec.result_path
+    with gzip.open(spec.result_path, "rt") as f:
+        data = json.load(f)
+    data["args"] = longer.args()
+    with gzip.open(spec.result_path, "wt") as f:
+        json.dump(data, f)
+    assert study.load_result(spec) is None

@@ -5,7 +5,7 @@ Protocol, for every setting (BENCHMARKS.md states it in full):
 1. *Validation.* Every run holds out ``data.val_fraction = 0.1`` of the training set (stratified,
    seeded, disjoint from the clients' shards). Every choice below is made on validation accuracy.
 2. *Tuning* on the tuning seeds (100, 101), per method, on a log2 grid around the paper's values
-   (lr for all; beta for fedga/gradalign; mu for fedprox): first lr in paper x {1/4, 1/2, 1, 2, 4},
+   (lr for all; beta for fedga/gradalign; mu for fedprox): first lr in paper x {1/2, 1, 2},
    then coordinate search: the best point's neighbours (x2, /2 in every tuned coordinate) are run
    until the best point beats or ties all of them, so the chosen value is never at a grid edge
    (the grid is capped at 2^+-6 around the paper's value; a choice at the cap is flagged).
@@ -57,7 +57,7 @@ RESULTS = REPO / "bench" / "results"
 DOCS = REPO / "docs" / "study"
 TUNE_SEEDS = (100, 101)
 REPORT_SEEDS = (0, 1, 2, 3, 4)
-FIRST_LR = (-2, -1, 0, 1, 2)  # exponents of 2 around the paper's lr
+FIRST_LR = (-1, 0, 1)  # exponents of 2 around the paper's lr; the search extends the line as needed
 CAP = 6  # |exponent| at most: 2^6 = 64x the paper's value either way
 SCORE_EVALS = 3  # validation accuracy averaged over the last evaluations
 PAPER = {"lr": 0.05, "beta": 0.025, "mu": 0.01}  # DESIGN.md section 3 (mu: not published)
@@ -167,13 +167,34 @@ class Spec:
                 "train.progress=false"]
 
 
+_CACHE: dict = {}
+
+
+def _read(path: Path) -> dict:
+    key = (path, path.stat().st_mtime_ns)
+    if key not in _CACHE:
+        with gzip.open(path, "rt") as f:
+            _CACHE[key] = json.load(f)
+    return _CACHE[key]
+
+
 def load_result(spec: Spec):
     """The stored result of ``spec``, or None (none yet, or one made with other arguments)."""
     if not spec.result_path.is_file():
         return None
-    with gzip.open(spec.result_path, "rt") as f:
-        result = json.load(f)
+    result = _read(spec.result_path)
     return result if result.get("args", spec.args()) == spec.args() else None
+
+
+def stored_points(setting: Setting, method: Method) -> list[tuple]:
+    """Every point of ``method`` with a stored tuning run (each run counts, whichever search made it)."""
+    points = set()
+    for path in sorted((RESULTS / setting.name).glob("*.json.gz")):
+        r = _read(path)
+        if r.get("label") == method.label and r["seed"] in TUNE_SEEDS and r["rounds"] == setting.rounds:
+            exps = {p: round(math.log2(v / method.value(p, 0))) for p, v in r["params"].items()}
+            points.add(_point(method, **exps))
+    return sorted(points)
 
 
 def run_one(spec: Spec, core: int) -> str:
@@ -255,6 +276,8 @@ def search(setting: Setting, method: Method) -> tuple[list[tuple], dict, tuple |
 
     first = [_point(method, lr=k) for k in FIRST_LR]
     todo = [pt for pt in first if not evaluated(pt)]
+    for pt in stored_points(setting, method):
+        evaluated(pt)
     if todo:
         return todo, scores, None
     def best_so_far():

@@ -25,7 +25,8 @@ def _fake(spec, val, status="finished"):
             for r in range(10, last + 1, 10)]
     spec.result_path.parent.mkdir(parents=True, exist_ok=True)
     with gzip.open(spec.result_path, "wt") as f:
-        json.dump({"name": spec.name, "args": spec.args(), "status": status, "rows": rows,
+        json.dump({"name": spec.name, "label": spec.method.label, "params": spec.params, "seed": spec.seed,
+                   "rounds": spec.rounds, "args": spec.args(), "status": status, "rows": rows,
                    "config": {"seed": spec.seed}}, f)
 
 
@@ -56,7 +57,11 @@ def test_search_brackets_an_optimum_outside_the_first_grid(setting):
             return None
         return 0.8 - 0.01 * (e["lr"] - 1) ** 2 - 0.01 * (e.get("beta", 0) + 3) ** 2 - 0.01 * (e.get("mu", 0) - 1) ** 2
 
+    off_path = study.Spec(setting.name, setting.methods[0], (("lr", -4),), 100, setting.rounds)
+    _fake(off_path, 0.1)  # a run of an earlier, wider search: it stays in the table
+    _fake(study.Spec(setting.name, setting.methods[0], (("lr", -4),), 101, setting.rounds), 0.1)
     chosen = _drive(setting, objective)
+    assert "| fedavg | lr 0.003125 | 10.00 | 10.00 | 10.00 |" in study.tuning_table(setting)
     assert chosen["fedga"] == (("lr", 1), ("beta", -3))
     assert chosen["fedprox"] == (("lr", 1), ("mu", 1))
     assert chosen["fedavg"] == (("lr", 1),)

@@ -12,6 +12,8 @@ from pathlib import Path
 from .config import ConfigError
 
 EXIT_REQUEUE = 75  # checkpointed after SIGTERM/SIGUSR1: requeue the job (slurm/common.sh does)
+# pip's name for an importable module that differs from it (a missing one is reported in one line)
+PIP_NAMES = {"sklearn": "scikit-learn", "PIL": "pillow", "yaml": "pyyaml"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -96,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             kind = "config error" if isinstance(e, ConfigError) else "error"
             print(f"{kind}: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an optional dependency (or one removed by hand) is missing
+        top = (e.name or "").partition(".")[0]
+        if not top or top == __package__:
+            raise
+        if is_main:
+            print(f"error: `{args.command}` needs the Python package {top!r}, which is not installed in this "
+                  f"environment ({sys.executable}): pip install {PIP_NAMES.get(top, top)}", file=sys.stderr)
         return 2
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +241,8 @@ def _check_normalize(norm: Optional[list]) -> None:
     if len(norm) != 2 or not all(numbers(v) for v in norm):
         raise ConfigError(f"data.normalize = {norm!r} is not allowed: expected [mean, std], each a number "
                           "or a list of per-channel numbers, e.g. [0.5, 0.5] or [[0.49, 0.48, 0.45], [0.2, 0.2, 0.2]]")
+    if not all(math.isfinite(x) for v in norm for x in (v if isinstance(v, list) else [v])):
+        raise ConfigError(f"data.normalize = {norm!r} is out of range: every mean and std must be finite")
     stds = norm[1] if isinstance(norm[1], list) else [norm[1]]
     if any(s <= 0 for s in stds):
         raise ConfigError(f"data.normalize = {norm!r} is out of range: every std must be > 0")

@@ -24,6 +24,7 @@ from .config import Config, ConfigError, dump_config
 from .data import holdout, load_dataset, partition, sample_clients
 from .executor import SequentialExecutor, batch_size_of
 from .models import FlatModel, build_model, evaluate_sums
+from .rundir import RunDirError, RunDirLock, lock_run_dir
 from .tracking import ID_FILE, start_tracker
 from .vectorized import VectorizedExecutor
 
@@ -38,10 +39,6 @@ class DivergenceError(RuntimeError):
 
 class Preempted(RuntimeError):
     """The run checkpointed and stopped after SIGTERM/SIGUSR1; the same command resumes it."""
-
-
-class RunDirError(RuntimeError):
-    """The run directory cannot be used."""
 
 
 @dataclass
@@ -117,6 +114,7 @@ class Trainer:
         self.last_row: dict = {}
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
         self.stop_agreed = False  # some rank asked: all stop after this round
+        self.lock: Optional[RunDirLock] = None  # rank 0's lock on run_dir while fit runs
 
     # ------------------------------------------------------------------ one round
     def round_clients(self, rnd: int) -> list[int]:
@@ -284,13 +282,23 @@ class Trainer:
     def fit(self, overwrite: bool = False, resume: str = "auto") -> dict:
         """Run (or resume) the rounds. Rank 0 writes the run directory and checkpoints every
         ``train.checkpoint_every`` rounds, at the end, and at the round boundary after SIGTERM or
-        SIGUSR1 (then raises :class:`Preempted`)."""
+        SIGUSR1 (then raises :class:`Preempted`). Rank 0 locks the run directory first and
+        holds it until fit returns or raises: a second run on it stops at once (RunDirError)."""
+        try:
+            return self._fit(overwrite, resume)
+        finally:
+            if self.lock:
+                self.lock.release()
+                self.lock = None
+
+    def _fit(self, overwrite: bool, resume: str) -> dict:
         cfg, be = self.cfg, self.backend
         run_dir = Path(cfg.run_dir)
         ckpt_dir = run_dir / "checkpoints"
         decision: tuple = ("ok", None)
         if be.is_main:
             try:
+                self.lock = lock_run_dir(run_dir)  # before anything in run_dir is written
                 decision = ("ok", self._prepare(run_dir, ckpt_dir, overwrite, resume))
             except (RunDirError, checkpoint.CheckpointError) as e:
                 decision = ("error", e)

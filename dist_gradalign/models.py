@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 
 class CNNEmnist(nn.Module):
@@ -115,9 +115,20 @@ class ResNet18(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """Build the configured model for inputs of shape (C, H, W). Initialization uses torch's
-    global RNG: seed it first (the engine does) so every rank starts from the same x."""
+#: The models that take feature vectors (D,) as well as images (C, H, W).
+FEATURE_MODELS = ("mlp", "logreg")
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build the configured model for inputs of shape (C, H, W), or (D,) for the
+    :data:`FEATURE_MODELS`. Initialization uses torch's global RNG: seed it first (the engine
+    does) so every rank starts from the same x."""
+    if len(input_shape) == 1:
+        if cfg.name not in FEATURE_MODELS:
+            raise ConfigError(f"model.name = {cfg.name!r} needs images (N, C, H, W), but the data are feature "
+                              f"vectors (N, {input_shape[0]}): use model.name = "
+                              + " or ".join(repr(m) for m in FEATURE_MODELS))
+        input_shape = (1, 1, input_shape[0])
     c, h, w = input_shape
     if cfg.name in ("cnn_emnist", "cnn_cifar"):
         if h != w or h < 16:

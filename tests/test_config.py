@@ -33,6 +33,8 @@ BAD = [
     (["data.source=imagenet"], ["data.source = 'imagenet'", "emnist, cifar10"]),
     (["data.normalize=[0.5]"], ["data.normalize = [0.5]", "[mean, std]"]),
     (["data.normalize=[0.5,0]"], ["data.normalize", "std must be > 0"]),
+    (["data.normalize=[.nan,1]"], ["data.normalize", "every mean and std must be finite"]),
+    (["data.normalize=[[0,0],[1,.inf]]"], ["data.normalize", "every mean and std must be finite"]),
     (["partition.scheme=random"], ["partition.scheme = 'random'", "iid, shards, percentage_iid, dirichlet"]),
     (["partition.iid_fraction=1.5"], ["partition.iid_fraction = 1.5", "<= 1.0"]),
     (["partition.alpha=0"], ["partition.alpha = 0", "> 0.0"]),

@@ -96,7 +96,8 @@ def test_normalize_channel_mismatch_is_config_error(tmp_path):
 
 @pytest.mark.parametrize("arrays, message", [
     ({"y_test": None}, "lacks y_test"),
-    ({"x_train": np.zeros((6, 16), np.uint8)}, "x_train has shape (6, 16)"),
+    ({"x_train": np.zeros((6,), np.uint8)}, "x_train has shape (6,), expected 2 (feature vectors), 3 or 4"),
+    ({"x_train": np.zeros((6, 16), np.uint8)}, "one train input has shape (16,) but one test input (1, 4, 4)"),
     ({"y_train": np.arange(5)}, "6 samples but y_train has 5"),
     ({"x_test": np.zeros((2, 4, 4), np.int32)}, "dtype int32"),
     ({"y_test": np.array([0.0, 1.0])}, "integer labels"),
@@ -120,6 +121,52 @@ def test_npz_missing_or_corrupt_file(tmp_path):
     np.save(single, np.zeros(3))
     with pytest.raises(DataError, match="single array"):
         load_dataset(DataConfig(source="npz", root=str(single)))
+
+
+# ------------------------------------------------------------------------ npz feature vectors and bad values
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_npz_feature_vectors_kept_as_n_by_d(tmp_path, dtype):
+    x = np.random.default_rng(2).normal(size=(5, 7)).astype(dtype) * 3
+    path = write_npz(tmp_path / "f.npz", x_train=x, y_train=np.arange(5) % 2, x_test=x[:3], y_test=np.arange(3) % 2)
+    ds = load_dataset(DataConfig(source="npz", root=path, normalize=[1.0, 2.0]))
+    assert ds.x_train.shape == (5, 7) and ds.x_test.shape == (3, 7) and ds.input_shape == (7,)
+    assert ds.x_train.dtype == torch.float32
+    torch.testing.assert_close(ds.x_train, torch.from_numpy(x.astype(np.float32)))  # float: used as stored
+
+
+def test_npz_uint8_feature_vectors_scaled_and_normalized_per_feature(tmp_path):
+    x = np.array([[0, 51, 255], [255, 102, 0]], dtype=np.uint8)
+    path = write_npz(tmp_path / "f.npz", x_train=x, y_train=np.array([0, 1]), x_test=x, y_test=np.array([1, 0]))
+    ds = load_dataset(DataConfig(source="npz", root=path))
+    torch.testing.assert_close(ds.x_train, torch.tensor([[0.0, 0.2, 1.0], [1.0, 0.4, 0.0]]))
+    ds = load_dataset(DataConfig(source="npz", root=path, normalize=[[0.0, 0.2, 0.5], [1.0, 0.1, 0.25]]))
+    torch.testing.assert_close(ds.x_test, torch.tensor([[0.0, 0.0, 2.0], [1.0, 2.0, -2.0]]))
+    with pytest.raises(ConfigError, match=r"does not fit the feature vectors: a per-feature list must have 3 "):
+        load_dataset(DataConfig(source="npz", root=path, normalize=[[0.5], [0.5]]))
+
+
+def test_npz_feature_vectors_refuse_crop_flip(tmp_path):
+    x = np.zeros((4, 6), np.float32)
+    path = write_npz(tmp_path / "f.npz", x_train=x, y_train=np.arange(4), x_test=x, y_test=np.arange(4))
+    with pytest.raises(ConfigError, match=r"data.augment = 'crop_flip' is not allowed for feature vectors "
+                                          r"\(x_train of shape \(4, 6\)\).*data.augment=none"):
+        load_dataset(DataConfig(source="npz", root=path, augment="crop_flip"))
+
+
+@pytest.mark.parametrize("split, bad, value, name", [
+    ("x_train", 3, np.nan, "NaN"), ("x_test", 1, np.inf, "inf"), ("x_train", 0, -np.inf, "inf")])
+@pytest.mark.parametrize("shape", [(6, 4, 4), (6, 5)])
+def test_npz_non_finite_values_name_array_and_first_sample(tmp_path, split, bad, value, name, shape):
+    xs = {k: np.random.default_rng(3).normal(size=shape).astype(np.float32) for k in ("x_train", "x_test")}
+    xs[split][bad].flat[2] = value
+    xs[split][5].flat[0] = value  # a later bad sample: the first one is named
+    path = write_npz(tmp_path / "nan.npz", y_train=np.arange(6) % 3, y_test=np.arange(6) % 3, **xs)
+    with pytest.raises(DataError) as err:
+        load_dataset(DataConfig(source="npz", root=path))
+    msg = str(err.value)
+    assert f"{split} holds non-finite values (2 of 6 samples; the first is sample {bad}, with {name})" in msg, msg
+    assert path in msg
 
 
 # ------------------------------------------------------------------------ imagefolder

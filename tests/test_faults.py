@@ -8,16 +8,11 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from dist_gradalign.cli import main
 
-from util import load_params, run_dir_rows, write_npz
+from util import load_params, run_dir_rows, write_npz, write_tiny_config
 
-TINY = {"data": {"source": "digits"}, "model": {"name": "mlp", "hidden": [16]},
-        "partition": {"scheme": "iid", "num_clients": 4},
-        "algorithm": {"name": "fedavg", "lr": 0.1, "local_steps": 1, "local_batch_size": 16},
-        "train": {"rounds": 3, "clients_per_round": 2, "progress": False}}
 
 
 def _setup_missing_npz(tmp):
@@ -51,7 +46,7 @@ def _setup_too_many_clients(tmp):
 
 
 def _setup_other_config(tmp):
-    assert main(["train", str(_write(tmp, {}))]) == 0
+    assert main(["train", str(write_tiny_config(tmp))]) == 0
     return {"algorithm": {"lr": 0.3}}
 
 
@@ -69,13 +64,6 @@ TABLE = [
 ]
 
 
-def _write(tmp, changes):
-    cfg = {**TINY, "run_dir": str(tmp / "run")}
-    for k, v in changes.items():
-        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    path = tmp / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 @pytest.mark.parametrize("name,setup,code,fragments", TABLE, ids=[t[0] for t in TABLE])
@@ -83,7 +71,7 @@ def test_bad_input_table(tmp_path, capsys, name, setup, code, fragments):
     changes = setup(tmp_path)
     capsys.readouterr()
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    assert main(["train", str(_write(tmp_path, changes))]) == code
+    assert main(["train", str(write_tiny_config(tmp_path, **changes))]) == code
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     for f in fragments:
@@ -109,9 +97,9 @@ def test_full_disk_stops_with_one_message_and_the_run_resumes_elsewhere(tmp_path
     changes = {"train": {"rounds": 60, "checkpoint_every": 1, "keep_checkpoints": 1000, "clients_per_round": 2}}
     ref = tmp_path / "ref"
     ref.mkdir()
-    assert main(["train", str(_write(ref, changes))]) == 0
+    assert main(["train", str(write_tiny_config(ref, **changes))]) == 0
     capsys.readouterr()
-    assert main(["train", str(_write(tiny_fs, changes))]) == 2
+    assert main(["train", str(write_tiny_config(tiny_fs, **changes))]) == 2
     err = capsys.readouterr().err
     assert "No space left on device" in err and "kept" in err and "Traceback" not in err, err
     # what was written survives: copy it to a disk with room and resume there
@@ -119,7 +107,7 @@ def test_full_disk_stops_with_one_message_and_the_run_resumes_elsewhere(tmp_path
     shutil.copytree(tiny_fs, moved)
     rows_before = run_dir_rows(moved / "run")
     assert 0 < len(rows_before) < 60
-    assert main(["train", str(_write(moved, changes))]) == 0
+    assert main(["train", str(write_tiny_config(moved, **changes))]) == 0
     out = capsys.readouterr().out
     assert "resuming from" in out
     a, b = load_params(ref / "run"), load_params(moved / "run")

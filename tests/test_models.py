@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_gradalign.config import ModelConfig
+from dist_gradalign.config import ConfigError, ModelConfig
 from dist_gradalign.models import FlatModel, build_model, evaluate_sums, loss_and_grad, num_parameters
 
 
@@ -18,12 +18,21 @@ def _count(*layers):
     ("cnn_cifar", (3, 32, 32), 10, _count((75, 6), (150, 16), (400, 120), (120, 84), (84, 10))),
     ("mlp", (1, 8, 8), 10, _count((64, 200), (200, 200), (200, 10))),
     ("logreg", (3, 4, 4), 5, _count((48, 5))),
+    ("mlp", (64,), 10, _count((64, 200), (200, 200), (200, 10))),  # feature vectors (D,)
+    ("logreg", (12,), 5, _count((12, 5))),
 ])
 def test_architectures(name, shape, classes, expected):
     torch.manual_seed(0)
     m = build_model(ModelConfig(name=name), shape, classes)
     assert num_parameters(m) == expected
     assert m(torch.randn(3, *shape)).shape == (3, classes)
+
+
+@pytest.mark.parametrize("name", ["cnn_emnist", "cnn_cifar", "resnet18"])
+def test_convolutional_models_refuse_feature_vectors(name):
+    with pytest.raises(ConfigError, match=rf"model.name = '{name}' needs images \(N, C, H, W\), but the data are "
+                                          r"feature vectors \(N, 784\): use model.name = 'mlp' or 'logreg'"):
+        build_model(ModelConfig(name=name), (784,), 10)
 
 
 def test_cnn_emnist_layers_exactly():

@@ -111,13 +111,15 @@ def test_signal_checkpoints_at_round_boundary_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("executor", ["sequential", "vectorized"])
 def test_divergence_names_round_client_and_quantity_and_keeps_checkpoint(tmp_path, executor):
-    """One training sample is NaN: the first round that samples its client stops the run with
-    a message naming that round, that client and the quantity; the checkpoint before stays.
+    """One training sample is huge (finite: NaN or inf inputs are refused when the data is
+    loaded), so its client's local steps overflow: the first round that samples that client
+    stops the run with a message naming that round, that client and the quantity; the
+    checkpoint before stays.
     (Both executors flag non-finite values on the device and name the client only then.)"""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(80, 1, 4)).astype(np.float32)
     y = rng.integers(0, 3, size=80)
-    x[17] = np.nan
+    x[17] = 3e38  # near float32's largest: the first step's gradient overflows, the second loss is NaN
     path = write_npz(tmp_path / "nan.npz", x, y, x[:10], y[:10])
     cfg = base_config(tmp_path, source="npz", root=str(path), partition={"scheme": "iid", "num_clients": 8},
                       algorithm={"name": "fedavg", "lr": 0.1, "local_steps": 2, "local_batch_size": "full"},

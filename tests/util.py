@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
+
 import numpy as np
 import torch
 
@@ -53,3 +55,20 @@ def load_params(run_dir: str) -> dict[str, torch.Tensor]:
 
 def run_dir_rows(run_dir: str) -> list[dict]:
     return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# A tiny CLI run on the bundled digits (seconds), for tests that drive `dist-gradalign train`.
+TINY = {"data": {"source": "digits"}, "model": {"name": "mlp", "hidden": [16]},
+        "partition": {"scheme": "iid", "num_clients": 4},
+        "algorithm": {"name": "fedavg", "lr": 0.1, "local_steps": 1, "local_batch_size": 16},
+        "train": {"rounds": 3, "clients_per_round": 2, "progress": False}}
+
+
+def write_tiny_config(tmp: Path, **changes) -> Path:
+    """TINY with run_dir tmp/run and ``changes`` merged per section, written to tmp/cfg.yaml."""
+    cfg = {**TINY, "run_dir": str(tmp / "run")}
+    for k, v in changes.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

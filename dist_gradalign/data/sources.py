@@ -1,17 +1,21 @@
 """Datasets, loaded whole into memory as float tensors.
 
-Every source ends up as a :class:`Dataset`: images ``(N, C, H, W)`` float32, already scaled to
-[0, 1] and normalized, labels int64. Sources (``data.source``):
+Every source ends up as a :class:`Dataset`: images ``(N, C, H, W)`` (or feature vectors
+``(N, D)`` from an ``npz`` file) float32, already scaled to [0, 1] and normalized, labels int64;
+non-finite inputs are refused. Sources (``data.source``):
 
 - ``emnist`` (split "balanced", 47 classes), ``cifar10``, ``cifar100``, ``mnist``,
   ``fashionmnist``: torchvision datasets under ``data.root`` (fetched when ``data.download``).
   EMNIST images keep torchvision's raw (transposed) orientation.
 - ``npz``: ``data.root`` is a ``.npz`` file with ``x_train, y_train, x_test, y_test``; images
   ``(N, H, W)``, ``(N, C, H, W)``, or ``(N, H, W, C)`` (taken as channels-last when the last axis
-  is 1 or 3 and the second is not).
+  is 1 or 3 and the second is not); or feature vectors ``(N, D)`` (tabular data, precomputed
+  embeddings) for ``mlp`` and ``logreg``, normalized per feature where images are per channel,
+  never augmented.
 - ``imagefolder``: ``data.root`` is a directory or a ``.zip`` holding
   ``train/<class>/*.{jpg,jpeg,png}`` and ``test/<class>/*``.
-- ``digits``: scikit-learn's bundled 8x8 digits (no download), 1497 train / 300 test.
+- ``digits``: scikit-learn's bundled 8x8 digits (no download), 1497 train / 300 test; needs the
+  ``digits`` extra (scikit-learn).
 
 ``data.normalize = [mean, std]`` (numbers or per-channel lists) overrides the source's default
 normalization (see :data:`DEFAULT_NORMALIZE`; sources not listed there are normalized only
@@ -57,7 +61,8 @@ class DataError(RuntimeError):
 class Dataset:
     """A train/test pair held in memory.
 
-    ``x_*`` are float32 ``(N, C, H, W)`` (scaled and normalized), ``y_*`` are int64 ``(N,)``.
+    ``x_*`` are float32 ``(N, C, H, W)`` images or ``(N, D)`` feature vectors (scaled and
+    normalized), ``y_*`` are int64 ``(N,)``.
     """
 
     x_train: torch.Tensor
@@ -68,13 +73,12 @@ class Dataset:
     name: str
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """The shape ``(C, H, W)`` of one image."""
-        c, h, w = self.x_train.shape[1:]
-        return c, h, w
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input: ``(C, H, W)`` for an image, ``(D,)`` for a feature vector."""
+        return tuple(self.x_train.shape[1:])
 
 
-# Arrays as the loaders return them: (x_train, y_train, x_test, y_test), x in NCHW.
+# Arrays as the loaders return them: (x_train, y_train, x_test, y_test), x in NCHW (or ND).
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -86,8 +90,12 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     float32): neither scaled nor normalized, even if ``cfg.normalize`` is set. ``digits`` (values 0..16) is
     divided by 16 and normalized only if ``cfg.normalize`` is set.
 
-    Raises :class:`DataError` when the data is missing or malformed and
-    :class:`~dist_gradalign.config.ConfigError` when ``cfg.normalize`` does not fit the images.
+    Feature vectors ``(N, D)`` are treated as one channel per feature (``cfg.normalize`` lists
+    then hold one entry per feature).
+
+    Raises :class:`DataError` when the data is missing, malformed or not finite (NaN or inf,
+    naming the array and the first bad sample) and :class:`~dist_gradalign.config.ConfigError`
+    when ``cfg.normalize`` does not fit the images or ``cfg.augment`` is set for feature vectors.
     """
     source = cfg.source
     if source in _TORCHVISION:
@@ -103,15 +111,28 @@ def load_dataset(cfg: DataConfig) -> Dataset:
                           + ", ".join([*_TORCHVISION, "npz", "imagefolder", "digits"]))
     x_train, y_train, x_test, y_test = arrays
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(f"{source} data at {cfg.root!r}: train images have shape {x_train.shape[1:]} "
-                        f"but test images {x_test.shape[1:]}; both splits must share one image shape")
+        raise DataError(f"{source} data at {cfg.root!r}: one train input has shape {x_train.shape[1:]} "
+                        f"but one test input {x_test.shape[1:]}; both splits must share one input shape")
+    if x_train.ndim == 2 and cfg.augment != "none":
+        raise ConfigError(f"data.augment = {cfg.augment!r} is not allowed for feature vectors (x_train of shape "
+                          f"{x_train.shape}): it crops and flips images; set data.augment=none")
     norm = cfg.normalize if cfg.normalize is not None else DEFAULT_NORMALIZE.get(source)
     if source == "npz" and x_train.dtype != np.uint8:
         norm = None  # float npz arrays are used exactly as stored
+    xs = {}
+    for name, x in (("x_train", x_train), ("x_test", x_test)):
+        xs[name] = t = _to_float(x, norm)
+        bad = ~torch.isfinite(t.flatten(1)).all(1)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            what = "NaN" if torch.isnan(t[i]).any() else "inf"
+            raise DataError(f"{source} data at {cfg.root!r}: {name} holds non-finite values ({int(bad.sum())} of "
+                            f"{len(t)} samples; the first is sample {i}, with {what}); remove or repair those "
+                            "samples (training on them would only diverge)")
     return Dataset(
-        x_train=_to_float(x_train, norm),
+        x_train=xs["x_train"],
         y_train=torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64)),
-        x_test=_to_float(x_test, norm),
+        x_test=xs["x_test"],
         y_test=torch.from_numpy(np.ascontiguousarray(y_test, dtype=np.int64)),
         num_classes=int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1,
         name=source,
@@ -124,17 +145,19 @@ def _to_float(x: np.ndarray, norm: Optional[Normalize]) -> torch.Tensor:
     t = t.float().div_(255) if t.dtype == torch.uint8 else t.to(torch.float32)
     if norm is None:
         return t
-    channels = t.shape[1]
-    mean, std = (_per_channel(v, channels, norm) for v in norm)
+    mean, std = (_per_channel(v, t, norm) for v in norm)
     return t.sub_(mean).div_(std)
 
 
-def _per_channel(value: Union[Number, Sequence[Number]], channels: int, norm: Normalize) -> torch.Tensor:
+def _per_channel(value: Union[Number, Sequence[Number]], t: torch.Tensor, norm: Normalize) -> torch.Tensor:
+    """``value`` broadcast over ``t``'s axis 1: channels of images, features of feature vectors."""
+    channels = t.shape[1]
     values = list(value) if isinstance(value, (list, tuple)) else [value] * channels
     if len(values) != channels:
-        raise ConfigError(f"data.normalize = {list(norm)!r} does not fit the images: a per-channel list "
-                          f"must have {channels} entries (one per channel), got {len(values)}")
-    return torch.tensor(values, dtype=torch.float32).view(1, channels, 1, 1)
+        kind = ("feature vectors", "feature") if t.ndim == 2 else ("images", "channel")
+        raise ConfigError(f"data.normalize = {list(norm)!r} does not fit the {kind[0]}: a per-{kind[1]} list "
+                          f"must have {channels} entries (one per {kind[1]}), got {len(values)}")
+    return torch.tensor(values, dtype=torch.float32).view(1, channels, *[1] * (t.ndim - 2))
 
 
 # ------------------------------------------------------------------------ torchvision
@@ -177,8 +200,8 @@ def _load_torchvision(cfg: DataConfig) -> Arrays:
 
 def _load_npz(path: Path) -> Arrays:
     """Read and check ``x_train, y_train, x_test, y_test`` from an ``.npz`` file."""
-    need = ("it must be an .npz file with arrays x_train (N,H,W), (N,H,W,C) or (N,C,H,W), uint8 or "
-            "float, y_train (N,) integer labels, and x_test, y_test likewise")
+    need = ("it must be an .npz file with arrays x_train (N,H,W), (N,H,W,C) or (N,C,H,W) images, or (N,D) "
+            "feature vectors, uint8 or float, y_train (N,) integer labels, and x_test, y_test likewise")
     if not path.is_file():
         raise DataError(f"npz file {str(path)!r} (data.root) not found: {need}")
     try:
@@ -206,8 +229,8 @@ def _load_npz(path: Path) -> Arrays:
             x = x[:, None]
         elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
             x = x.transpose(0, 3, 1, 2)  # channels last -> channels first
-        elif x.ndim != 4:
-            raise problem(f"x_{split} has shape {x.shape}, expected 3 or 4 dimensions")
+        elif x.ndim not in (2, 4):  # 2: (N, D) feature vectors, kept as they are
+            raise problem(f"x_{split} has shape {x.shape}, expected 2 (feature vectors), 3 or 4 (images) dimensions")
         if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
             raise problem(f"x_{split} has dtype {x.dtype}, expected uint8 or float")
         if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
@@ -292,7 +315,11 @@ def _decode_images(items: list[_Item], read: Callable[[object], bytes]) -> np.nd
 
 def _load_digits() -> Arrays:
     """scikit-learn's 8x8 digits / 16, split by a fixed permutation: the last 300 are the test set."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # the optional `digits` extra
+        raise DataError(f"data.source = 'digits' needs scikit-learn, which cannot be imported here ({e}): "
+                        "pip install 'dist-gradalign[digits]' (or pip install scikit-learn)") from None
 
     digits = load_digits()
     x = (digits.images / 16.0).astype(np.float32)[:, None]

@@ -21,8 +21,9 @@ Protocol, for every setting (BENCHMARKS.md states it in full):
    A diverged run stays in its row, scored at chance, and is counted.
 
 Runs go to ``runs/study/<setting>/<run>`` (checkpoints there: an interrupted run resumes); each
-finished or diverged run is also stored, compressed, in ``bench/results/<setting>/<run>.json.gz``
-(config, status, every metrics row), which is what ``--report-only`` reads: tables and plots are
+finished or diverged run is also stored, compressed, in ``bench/results/<setting>/<run>.json.xz``
+(config, status, every metrics row with floats to 6 significant digits, without the sampled
+client ids, which are a pure function of (seed, round): ``dist_gradalign.data.sample_clients``), which is what ``--report-only`` reads: tables and plots are
 rebuilt from the committed results without rerunning. Runs whose result exists are skipped.
 
     python bench/study.py emnist-het-mb                 # tune, then report (resumable)
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import lzma
 import json
 import math
 import os
@@ -158,7 +160,7 @@ class Spec:
 
     @property
     def result_path(self) -> Path:
-        return RESULTS / self.setting / f"{self.name}.json.gz"
+        return RESULTS / self.setting / f"{self.name}.json.xz"
 
     def args(self) -> list[str]:
         s = SETTINGS[self.setting]
@@ -174,23 +176,55 @@ _CACHE: dict = {}
 def _read(path: Path) -> dict:
     key = (path, path.stat().st_mtime_ns)
     if key not in _CACHE:
-        with gzip.open(path, "rt") as f:
+        with (lzma.open if path.suffix == ".xz" else gzip.open)(path, "rt") as f:
             _CACHE[key] = json.load(f)
     return _CACHE[key]
 
 
+def _stored(setting_name: str) -> list[Path]:
+    """The result files of a setting (``.json.gz``: the format of the first runs, read as well)."""
+    folder = RESULTS / setting_name
+    return sorted([*folder.glob("*.json.xz"), *folder.glob("*.json.gz")])
+
+
+def _compact(value):
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    return value
+
+
+def store(path: Path, result: dict) -> None:
+    """Write a result atomically: rows without client ids, floats to 6 significant digits, xz."""
+    result = {**result, "rows": [{k: _compact(v) for k, v in r.items() if k != "clients"} for r in result["rows"]]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with lzma.open(tmp, "wt") as f:
+        json.dump(result, f, separators=(",", ":"))
+    tmp.replace(path)
+
+
+def migrate(setting_name: str) -> None:
+    """Rewrite the setting's ``.json.gz`` results in the current format."""
+    for path in (RESULTS / setting_name).glob("*.json.gz"):
+        store(path.with_name(path.name.replace(".json.gz", ".json.xz")), _read(path))
+        path.unlink()
+
+
 def load_result(spec: Spec):
     """The stored result of ``spec``, or None (none yet, or one made with other arguments)."""
-    if not spec.result_path.is_file():
-        return None
-    result = _read(spec.result_path)
+    path = spec.result_path
+    if not path.is_file():
+        path = path.with_name(path.name.replace(".json.xz", ".json.gz"))
+        if not path.is_file():
+            return None
+    result = _read(path)
     return result if result.get("args", spec.args()) == spec.args() else None
 
 
 def stored_points(setting: Setting, method: Method) -> list[tuple]:
     """Every point of ``method`` with a stored tuning run (each run counts, whichever search made it)."""
     points = set()
-    for path in sorted((RESULTS / setting.name).glob("*.json.gz")):
+    for path in _stored(setting.name):
         r = _read(path)
         if r.get("label") == method.label and r["seed"] in TUNE_SEEDS and r["rounds"] == setting.rounds:
             exps = {p: round(math.log2(v / method.value(p, 0))) for p, v in r["params"].items()}
@@ -218,11 +252,7 @@ def run_one(spec: Spec, core: int) -> str:
     result = {"name": spec.name, "label": spec.method.label, "params": spec.params, "seed": spec.seed,
               "rounds": spec.rounds, "args": spec.args(), "status": status, "config": cfg, "rows": rows,
               "error": text.strip().splitlines()[-1] if status == "diverged" else None}
-    spec.result_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = spec.result_path.with_suffix(".tmp")
-    with gzip.open(tmp, "wt") as f:
-        json.dump(result, f, separators=(",", ":"))
-    tmp.replace(spec.result_path)
+    store(spec.result_path, result)
     return status
 
 
@@ -487,8 +517,9 @@ def report(setting: Setting) -> str:
     out.mkdir(parents=True, exist_ok=True)
     tables, data = report_tables(setting)
     paths = plots(setting, data["results"], out)
-    n = len(list((RESULTS / setting.name).glob("*.json.gz")))
-    hours = sum(max((r.get("time", 0) for r in _rows(p)), default=0) for p in (RESULTS / setting.name).glob("*.json.gz")) / 3600
+    migrate(setting.name)
+    n = len(_stored(setting.name))
+    hours = sum(max((r.get("time", 0) for r in _read(p)["rows"]), default=0) for p in _stored(setting.name)) / 3600
     text = (f"### {setting.title}\n\n{setting.note + '. ' if setting.note else ''}{setting.rounds} rounds; "
             f"{n} runs stored in `bench/results/{setting.name}/` ({hours:.1f} core-hours of training).\n\n"
             f"**Tuning (validation).** {tuning_table(setting)}\n**Reporting (test, fresh seeds).** {tables}\n"
@@ -498,10 +529,6 @@ def report(setting: Setting) -> str:
     _splice(setting.name, text)
     return text
 
-
-def _rows(path: Path) -> list[dict]:
-    with gzip.open(path, "rt") as f:
-        return json.load(f)["rows"]
 
 
 def _splice(name: str, text: str) -> None:

@@ -2,8 +2,6 @@
 
 The search is driven here by a synthetic objective written into result files, so that the
 optimum is known; the real runs of the study are its own evidence (BENCHMARKS.md)."""
-import gzip
-import json
 import math
 import sys
 
@@ -23,11 +21,9 @@ def _fake(spec, val, status="finished"):
     rows = [{"round": r, "comm_rounds": r, "updates": r, "samples": 10 * r, "time": float(r),
              "val_acc": val, "test_acc": val + 0.01 * (r > study.SETTINGS[spec.setting].rounds)}
             for r in range(10, last + 1, 10)]
-    spec.result_path.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(spec.result_path, "wt") as f:
-        json.dump({"name": spec.name, "label": spec.method.label, "params": spec.params, "seed": spec.seed,
-                   "rounds": spec.rounds, "args": spec.args(), "status": status, "rows": rows,
-                   "config": {"seed": spec.seed}}, f)
+    study.store(spec.result_path, {"name": spec.name, "label": spec.method.label, "params": spec.params,
+                                   "seed": spec.seed, "rounds": spec.rounds, "args": spec.args(), "status": status,
+                                   "rows": rows, "config": {"seed": spec.seed}})
 
 
 def _drive(setting, objective, max_waves=30):
@@ -114,9 +110,24 @@ def test_a_result_made_with_other_arguments_is_not_reused(setting):
     longer = study.Spec(setting.name, setting.methods[0], (("lr", 0),), 100, setting.rounds + 10)
     longer_path = longer.result_path
     assert longer_path != spec.result_path
-    with gzip.open(spec.result_path, "rt") as f:
-        data = json.load(f)
-    data["args"] = longer.args()
-    with gzip.open(spec.result_path, "wt") as f:
-        json.dump(data, f)
+    data = study.load_result(spec)
+    study.store(spec.result_path, {**data, "args": longer.args()})
     assert study.load_result(spec) is None
+
+
+def test_first_format_results_are_read_and_migrated(setting):
+    """Results of the first runs (gzip, every float, client ids) count as they are and are
+    rewritten as xz with 6 significant digits and no client ids."""
+    import gzip
+    import json
+    spec = study.Spec(setting.name, setting.methods[0], (("lr", 0),), 100, setting.rounds)
+    old = spec.result_path.with_name(spec.name + ".json.gz")
+    old.parent.mkdir(parents=True)
+    rows = [{"round": setting.rounds, "val_acc": 0.123456789, "test_acc": 0.5, "clients": [1, 2]}]
+    with gzip.open(old, "wt") as f:
+        json.dump({"name": spec.name, "label": "fedavg", "params": spec.params, "seed": 100,
+                   "rounds": setting.rounds, "args": spec.args(), "status": "finished", "rows": rows}, f)
+    assert study.load_result(spec)["rows"][0]["val_acc"] == 0.123456789
+    study.migrate(setting.name)
+    assert not old.exists() and spec.result_path.is_file()
+    assert study.load_result(spec)["rows"] == [{"round": setting.rounds, "val_acc": 0.123457, "test_acc": 0.5}]

@@ -21,5 +21,7 @@ RUN pip install . && python -c "import dist_gradalign, torch; print('dist_gradal
 COPY configs ./configs
 COPY slurm ./slurm
 
+# a fresh rendezvous store per torchrun restart (pytorch/pytorch#135712; README, failures)
+ENV TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 ENTRYPOINT ["/bin/sh", "-c", "exec torchrun --standalone --nproc_per_node \"$NPROC_PER_NODE\" -m dist_gradalign \"$@\"", "dist-gradalign"]
 CMD ["--help"]

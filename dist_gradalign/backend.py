@@ -10,12 +10,35 @@ during the backward pass: :class:`BucketReducer`) and counts the bytes it moved.
 from __future__ import annotations
 
 import datetime
+import functools
 import itertools
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+class CommError(RuntimeError):
+    """A collective failed: a peer died or hangs (past ``train.timeout_s``), or the network failed."""
+
+
+def _collective(method):
+    """Turn the RuntimeError a failed collective raises (gloo's are plain RuntimeErrors, the
+    others torch.distributed.DistError) into :class:`CommError` with a one-line reason."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except CommError:
+            raise
+        except RuntimeError as e:
+            lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+            reason = next((l for l in lines if "Timed out" in l or "closed" in l or "refused" in l),
+                          lines[0] if lines else type(e).__name__)
+            raise CommError(f"rank {self.rank}: {reason[:300]} (train.timeout_s = {self.timeout_s:g})") from e
+    return wrapped
 
 
 def _env_int(name: str, default: int) -> int:
@@ -32,6 +55,7 @@ class Backend:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     distributed: bool = False  # a process group is joined (torchrun); else collectives are identities
     bytes_sent: int = 0  # all-reduced training payload per rank, summed over the run
+    timeout_s: float = 1800.0  # how long a collective may wait for the other ranks
 
     @classmethod
     def from_env(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Backend":
@@ -52,11 +76,17 @@ class Backend:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
             torch.set_num_threads(max(1, cores // max(1, local_world)))
         launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ  # torchrun, or a SLURM step like it
+        if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" \
+                and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0:
+            print("warning: torchrun shares its rendezvous store with the ranks and may restart them: a restarted "
+                  "group can read the previous attempt's keys and fail or hang (pytorch/pytorch#135712); start "
+                  "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (launch/ and slurm/ do)",
+                  file=sys.stderr, flush=True)
         if (world > 1 or launched) and not dist.is_initialized():
             dist.init_process_group("nccl" if use_cuda else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout_s),
                                     **({"device_id": dev} if use_cuda else {}))
-        return cls(rank, world, local_rank, local_world, dev, dist.is_initialized())
+        return cls(rank, world, local_rank, local_world, dev, dist.is_initialized(), timeout_s=timeout_s)
 
     @property
     def is_main(self) -> bool:
@@ -66,6 +96,7 @@ class Backend:
         """This rank's share of the round's clients: position p goes to rank p % world_size."""
         return clients[self.rank::self.world_size]
 
+    @_collective
     def all_reduce_(self, buf: torch.Tensor, count: bool = True) -> torch.Tensor:
         """Sum ``buf`` over ranks, in place: one collective for the whole flat buffer.
         ``count``: add its payload to ``bytes_sent`` (training traffic; evaluation is not)."""
@@ -75,11 +106,13 @@ class Backend:
             dist.all_reduce(buf, op=dist.ReduceOp.SUM)
         return buf
 
+    @_collective
     def broadcast_(self, buf: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.distributed:
             dist.broadcast(buf, src)
         return buf
 
+    @_collective
     def broadcast_object(self, obj, src: int = 0):
         """``obj`` from rank ``src`` on every rank (pickled; for small control data)."""
         if not self.distributed:
@@ -88,6 +121,7 @@ class Backend:
         dist.broadcast_object_list(box, src)
         return box[0]
 
+    @_collective
     def gather_object(self, obj) -> list:
         """Every rank's ``obj``, in rank order, on every rank."""
         if not self.distributed:
@@ -96,6 +130,7 @@ class Backend:
         dist.all_gather_object(out, obj)
         return out
 
+    @_collective
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
@@ -152,6 +187,7 @@ class BucketReducer:
         while self._next < len(self.buckets) and self._pending[self._next] <= 0:
             self._launch(self._next, add=True)
 
+    @_collective
     def _launch(self, b: int, add: bool) -> None:
         start, end = self.buckets[b]
         if add:
@@ -160,6 +196,7 @@ class BucketReducer:
             self._handles.append(dist.all_reduce(self.out[start:end], op=dist.ReduceOp.SUM, async_op=True))
         self._next += 1
 
+    @_collective
     def finish(self, out: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """Launch the buckets not launched yet (all of them if this rank ran no armed backward),
         then the all-reduce of ``extra`` (a small buffer that became known after the backward
@@ -175,4 +212,12 @@ class BucketReducer:
         self.backend.bytes_sent += (out.numel() + (0 if extra is None else extra.numel())) * out.element_size()
         self.out, self._next, self._handles = None, 0, []
         return out
+
+    @property
+    def rank(self) -> int:  # for the error message of a failed collective
+        return self.backend.rank
+
+    @property
+    def timeout_s(self) -> float:
+        return self.backend.timeout_s
 

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     is_main = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .backend import CommError
     from .engine import DivergenceError, Preempted, RunDirError
     try:
         if args.command == "train":
@@ -90,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             print(f"preempted: {e}", file=sys.stderr)
         return EXIT_REQUEUE
+    except CommError as e:  # every rank says what it saw: a peer died, hangs, or the network failed
+        print(f"error: a collective operation failed: {e}; a rank died or hangs, or the network failed; "
+              "the last checkpoint resumes the run: run the same command (under torchrun --max-restarts "
+              "it restarts by itself)", file=sys.stderr)
+        return 1
     except DivergenceError as e:
         if is_main or e.local:
             print(f"error: {e}", file=sys.stderr)

@@ -93,6 +93,9 @@ class TrainConfig:
     comm: str = _opt("bucketed", choices=("bucketed", "flat"))
     bucket_mb: float = _opt(25.0, gt=0.0)  # bucket size for comm: bucketed
     progress: bool = True
+    # a collective that waits longer ends the run with a clear error (a rank died or hangs);
+    # the last checkpoint resumes it
+    timeout_s: float = _opt(600.0, gt=0.0)
     checkpoint_every: int = _opt(25, ge=0)  # rounds between checkpoints (0: only at the end and on signals)
     keep_checkpoints: int = _opt(3, ge=1)
     # every N rounds, r(x) = 1/2 sum_i w_i ||g_i - g||^2 over the round's clients at x, for every

@@ -19,6 +19,7 @@ skipped, so an interrupted sweep is continued by running it again.
 from __future__ import annotations
 
 import itertools
+import os
 import shlex
 import shutil
 import subprocess
@@ -103,7 +104,8 @@ def run_local(runs: list[Run], nproc: int) -> list[Run]:
         print(f"[{i}/{len(runs)}] {run.name}", flush=True)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "dist_gradalign", "train", *run.args, "--overwrite"]
-        if subprocess.run(cmd).returncode != 0:
+        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see slurm/common.sh
+        if subprocess.run(cmd, env=env).returncode != 0:
             print(f"[{i}/{len(runs)}] {run.name}: FAILED", file=sys.stderr, flush=True)
             failed.append(run)
     return failed

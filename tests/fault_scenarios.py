@@ -1,0 +1,198 @@
+"""Rank failures under real torchrun groups (2 gloo ranks on the bundled digits), each checked
+to end bit-identically to an unbroken run. tests/test_resume.py runs each scenario once;
+run this file to repeat them and see that none fails or hangs:
+
+    python tests/fault_scenarios.py --repeat 20          # sigterm and kill, 20 times each, in turn
+    python tests/fault_scenarios.py --repeat 3 --scenarios hang
+
+It prints one line per scenario run and, at the end, the count and the slowest time. Every
+torchrun is started with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` as the project's launchers
+do (README, "Failures"): without it torchrun's agent shares its rendezvous store with the
+workers and a restarted group can read the previous attempt's keys (pytorch/pytorch#135712).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from util import REPO, load_params, run_dir_rows  # noqa: E402
+
+LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+TIMEOUT = 120  # seconds for one torchrun: a scenario that has not ended by then is a hang
+
+
+def torchrun(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, **LAUNCH_ENV, **(env_extra or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, marker: str, timeout: float = TIMEOUT) -> tuple[str, str]:
+    """Wait for a torchrun group. A group still running after ``timeout`` is a failure: its
+    agent's process group and every worker whose command line holds ``marker`` are killed (so
+    nothing is left holding the pipes) and AssertionError names the hang."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in pids(marker):
+            os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+        raise AssertionError(f"torchrun still running after {timeout} s (killed):\n{err[-3000:]}") from None
+
+
+def pids(marker: str, rank: int | None = None) -> list[int]:
+    """Worker processes (not the torchrun agent) whose command line holds ``marker``,
+    optionally only the one with RANK=rank."""
+    out = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if marker in cmdline and "torch.distributed.run" not in cmdline and \
+                (rank is None or f"RANK={rank}".encode() in environ):
+            out.append(int(pid))
+    return out
+
+
+def worker_pid(marker: str, rank: int) -> int:
+    found = pids(marker, rank)
+    assert found, f"no worker with RANK={rank}"
+    return found[0]
+
+
+def wait_rows(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()[1][-2000:]}")
+        try:
+            if len(run_dir_rows(run_dir)) >= n:
+                return
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for rounds")
+
+
+def cli_cfg(root: Path, name: str, **train) -> Path:
+    path = root / f"{name}.yaml"
+    t = {"rounds": 30, "clients_per_round": 4, "eval_every": 5, "checkpoint_every": 4, "progress": False, **train}
+    path.write_text(f"run_dir: {root / name}\ndata: {{source: digits}}\nmodel: {{name: mlp, hidden: [64]}}\n"
+                    "partition: {num_clients: 8}\nalgorithm: {name: fedga, beta: 0.1, local_steps: 4, "
+                    f"local_batch_size: 32}}\ntrain: {t}\n".replace("'", ""))
+    return path
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-identical parameters and the same metrics rows (but wall time)."""
+    pa, pb = load_params(a), load_params(b)
+    assert all(torch.equal(pa[k], pb[k]) for k in pa), "parameters are not bit-identical"
+    strip = lambda d: [{k: v for k, v in r.items() if k != "time"} for r in run_dir_rows(d)]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+def reference(root: Path) -> Path:
+    """The unbroken run every scenario must end equal to."""
+    proc = torchrun(["-m", "dist_gradalign", "train", str(cli_cfg(root, "ref"))])
+    _, err = finish(proc, "ref.yaml")
+    assert proc.returncode == 0, err[-2000:]
+    return root / "ref"
+
+
+def sigterm_one_rank(root: Path, name: str) -> None:
+    """SIGTERM to rank 1 alone: every rank checkpoints at the same round boundary and stops;
+    the same command resumes to the end."""
+    cfg = cli_cfg(root, name)
+    proc = torchrun(["-m", "dist_gradalign", "train", str(cfg)])
+    wait_rows(root / name, 6, proc)
+    os.kill(worker_pid(str(cfg), rank=1), signal.SIGTERM)
+    _, err = finish(proc, str(cfg))
+    assert proc.returncode != 0 and "preempted: stopped by a signal after round" in err, err[-2000:]
+    stopped_at = len(run_dir_rows(root / name))
+    assert 6 <= stopped_at < 30
+    again = torchrun(["-m", "dist_gradalign", "train", str(cfg)])
+    out, err = finish(again, str(cfg))
+    assert again.returncode == 0, err[-2000:]
+    assert f"round {stopped_at})" in out
+
+
+def kill_one_rank(root: Path, name: str) -> None:
+    """SIGKILL to rank 1 under --max-restarts: torchrun restarts the group, which resumes from
+    the last checkpoint."""
+    cfg = cli_cfg(root, name)
+    proc = torchrun(["--max-restarts=3", "-m", "dist_gradalign", "train", str(cfg)])
+    wait_rows(root / name, 10, proc)
+    os.kill(worker_pid(str(cfg), rank=1), signal.SIGKILL)
+    out, err = finish(proc, str(cfg))
+    assert proc.returncode == 0, err[-2000:]
+    assert "resuming from" in out
+
+
+def hang_one_rank(root: Path, name: str) -> None:
+    """Rank 1 stops (SIGSTOP: alive, silent): rank 0's collective times out after
+    train.timeout_s with a clear message instead of the 30-minute default, and the same command
+    resumes from the last checkpoint."""
+    cfg = cli_cfg(root, name, timeout_s=5)
+    proc = torchrun(["-m", "dist_gradalign", "train", str(cfg)])
+    wait_rows(root / name, 6, proc)
+    rank1 = worker_pid(str(cfg), rank=1)
+    os.kill(rank1, signal.SIGSTOP)
+    deadline = time.time() + 60
+    time.sleep(8)  # past rank 0's 5 s timeout
+    os.kill(rank1, signal.SIGCONT)  # let it see its peer gone and exit
+    _, err = finish(proc, str(cfg))
+    assert time.time() < deadline
+    assert proc.returncode != 0 and "error: a collective operation failed" in err and "train.timeout_s" in err, \
+        err[-3000:]
+    again = torchrun(["-m", "dist_gradalign", "train", str(cfg)])
+    out, err = finish(again, str(cfg))
+    assert again.returncode == 0, err[-2000:]
+    assert "resuming from" in out
+
+
+SCENARIOS = {"sigterm": sigterm_one_rank, "kill": kill_one_rank, "hang": hang_one_rank}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--scenarios", nargs="+", default=["sigterm", "kill"], choices=list(SCENARIOS))
+    args = p.parse_args()
+    times: dict[str, list[float]] = {s: [] for s in args.scenarios}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        ref = reference(root)
+        for i in range(args.repeat):
+            for s in args.scenarios:
+                t0 = time.time()
+                try:
+                    SCENARIOS[s](root, f"{s}{i}")
+                    assert_same_run(ref, root / f"{s}{i}")
+                except AssertionError as e:
+                    print(f"{s} #{i + 1}: FAILED after {time.time() - t0:.1f} s\n{e}", flush=True)
+                    return 1
+                times[s].append(time.time() - t0)
+                print(f"{s} #{i + 1}: ok in {times[s][-1]:.1f} s", flush=True)
+    for s, ts in times.items():
+        print(f"{s}: {len(ts)} of {args.repeat} in a row without failure or retry; slowest {max(ts):.1f} s, "
+              f"median {sorted(ts)[len(ts) // 2]:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -172,7 +172,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--scenarios", nargs="+", default=["sigterm", "kill"], choices=list(SCENARIOS))
+    p.add_argument("--share-store", action="store_true",
+                   help="launch torchrun as it is by default (agent store shared with the ranks), to see the failures")
+    p.add_argument("--keep-going", action="store_true", help="count failures instead of stopping at the first")
     args = p.parse_args()
+    if args.share_store:
+        LAUNCH_ENV["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "0"
+    failures = 0
     times: dict[str, list[float]] = {s: [] for s in args.scenarios}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -184,14 +190,18 @@ def main() -> int:
                     SCENARIOS[s](root, f"{s}{i}")
                     assert_same_run(ref, root / f"{s}{i}")
                 except AssertionError as e:
-                    print(f"{s} #{i + 1}: FAILED after {time.time() - t0:.1f} s\n{e}", flush=True)
-                    return 1
+                    print(f"{s} #{i + 1}: FAILED after {time.time() - t0:.1f} s\n{str(e)[-1500:]}", flush=True)
+                    failures += 1
+                    if not args.keep_going:
+                        return 1
+                    continue
                 times[s].append(time.time() - t0)
                 print(f"{s} #{i + 1}: ok in {times[s][-1]:.1f} s", flush=True)
     for s, ts in times.items():
-        print(f"{s}: {len(ts)} of {args.repeat} in a row without failure or retry; slowest {max(ts):.1f} s, "
-              f"median {sorted(ts)[len(ts) // 2]:.1f} s")
-    return 0
+        if ts:
+            print(f"{s}: {len(ts)} of {args.repeat} passed (no retry); slowest {max(ts):.1f} s, "
+                  f"median {sorted(ts)[len(ts) // 2]:.1f} s")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

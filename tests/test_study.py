@@ -131,3 +131,15 @@ def test_first_format_results_are_read_and_migrated(setting):
     study.migrate(setting.name)
     assert not old.exists() and spec.result_path.is_file()
     assert study.load_result(spec)["rows"] == [{"round": setting.rounds, "val_acc": 0.123457, "test_acc": 0.5}]
+
+
+def test_scores_within_the_tolerance_tie_and_the_tie_goes_to_the_paper(setting):
+    """FedProx whose mu barely matters (as mu -> 0 it is FedAvg): scores that creep up by less
+    than TOL as mu shrinks must not walk the search to the cap."""
+    def objective(method, e):
+        return 0.6 - 0.02 * (e["lr"] - 1) ** 2 - 0.0005 * e.get("mu", 0)
+    chosen = _drive(setting, objective)
+    assert chosen["fedprox"] == (("lr", 1), ("mu", 0))
+    _, scores, _ = study.search(setting, next(m for m in setting.methods if m.label == "fedprox"))
+    assert max(k for pt in scores for p, k in pt if p == "mu") == 1
+    assert min(k for pt in scores for p, k in pt if p == "mu") == -1

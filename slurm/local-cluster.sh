@@ -6,6 +6,10 @@
 #   bash slurm/local-cluster.sh status # daemons and sinfo; exit 0 iff the node takes jobs
 #   bash slurm/local-cluster.sh down   # stop slurmd, slurmctld and munged
 #
+# With `--nodes N` (N >= 2; or LOCAL_CLUSTER_NODES=N) the same commands manage an N-node
+# cluster instead, each node a network namespace of this machine (slurm/netns-nodes.sh: node I
+# is dga-node<I> at 10.77.0.<I>, interface dga0); see "Several nodes" below.
+#
 # Idempotent: `up` on a running cluster only checks it (seconds); on a fresh Debian/Ubuntu
 # machine it runs `apt-get update` and installs slurm-wlm + munge (a minute or two).
 # Needs root (it writes /etc/slurm, /etc/munge and starts daemons). No systemd needed: the
@@ -27,6 +31,23 @@
 # cluster already up); 3 the packages are missing and cannot be installed; 4 an
 # /etc/slurm/slurm.conf this script did not write is in the way.
 # Environment: LOCAL_CLUSTER_WAIT (seconds to wait for an idle node, default 90).
+#
+# Several nodes (`up --nodes N`): slurm/netns-nodes.sh makes the nodes dga-node1..N; one
+# slurmctld runs on dga-node1 (SlurmctldHost=dga-node1(10.77.0.1)) and one slurmd per node,
+# started inside its namespace with `-N dga-node<I>`. Their slurm.conf is
+# /etc/netns/dga-node<I>/slurm/slurm.conf, which `netns-nodes.sh exec` (and `ip netns exec`)
+# mounts over /etc/slurm on that node only, so the one-node cluster (/etc/slurm/slurm.conf,
+# 127.0.0.1) is untouched and both can run at once; munged (a unix socket under /run) serves
+# both. Each node has the machine's CPUs and memory (they share them). State in
+# /var/spool/slurmctld-netns and /var/spool/slurmd-netns/<node>, logs
+# /var/log/slurm/netns-*.log, pid files /run/slurm/netns-*.pid. Slurm commands for it run on a
+# node, e.g.
+#   bash slurm/netns-nodes.sh exec 1 sinfo
+#   bash slurm/netns-nodes.sh exec 1 sbatch --nodes 2 slurm/train.sbatch CONFIG
+# `down --nodes N` stops its daemons and deletes the namespaces (munged keeps running).
+# Exit code 5: network namespaces cannot be created here. A node killed as a whole (its
+# torchrun agent and ranks) ends the job: srun --kill-on-bad-exit stops the step on every node
+# (tests/test_multinode.py; slurm/README.md, "Several nodes on one machine").
 set -euo pipefail
 
 cmd="${1:-up}"
@@ -42,6 +63,43 @@ MUNGE_KEY=/etc/munge/munge.key
 MUNGE_PID=/run/munge/munged.pid
 WAIT="${LOCAL_CLUSTER_WAIT:-90}"
 export PATH="$PATH:/usr/sbin:/sbin"
+
+# What write_conf writes (the single-node cluster unless --nodes N >= 2 below).
+CLUSTER=localcluster
+DESC="a single-node test cluster"
+CTLD_ADDR=127.0.0.1
+CTLD_PIDFILE="$RUN_DIR/slurmctld.pid"
+SLURMD_PIDFILE="$RUN_DIR/slurmd.pid"
+CTLD_LOG="$LOG_DIR/slurmctld.log"
+SLURMD_LOG="$LOG_DIR/slurmd.log"
+SLURMD_SPOOL="$SPOOL_DIR"
+NODES="${LOCAL_CLUSTER_NODES:-1}"
+if [[ "$cmd" == --* ]]; then cmd=up; else shift || true; fi
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --nodes) NODES="${2:-}"; shift 2 || true ;;
+    --nodes=*) NODES="${1#--nodes=}"; shift ;;
+    *) echo "usage: $0 [up|down|status] [--nodes N]" >&2; exit 64 ;;
+  esac
+done
+[[ "$NODES" =~ ^[0-9]+$ ]] && [ "$NODES" -ge 1 ] || { echo "[local-cluster] error: --nodes must be a positive integer, got '$NODES'" >&2; exit 64; }
+if [ "$NODES" -gt 1 ]; then
+  NETNS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/netns-nodes.sh"
+  NET="${DGA_NETNS_NET:-10.77.0}"
+  HOST=dga-node1
+  CONF_DIR=/etc/netns/dga-node1/slurm
+  CONF="$CONF_DIR/slurm.conf"
+  STATE_DIR=/var/spool/slurmctld-netns
+  SPOOL_DIR=/var/spool/slurmd-netns
+  CLUSTER=dganetns
+  DESC="a $NODES-node test cluster in network namespaces (slurm/netns-nodes.sh)"
+  CTLD_ADDR="$NET.1"
+  CTLD_PIDFILE="$RUN_DIR/netns-slurmctld.pid"
+  SLURMD_PIDFILE="$RUN_DIR/netns-slurmd-%n.pid"
+  CTLD_LOG="$LOG_DIR/netns-slurmctld.log"
+  SLURMD_LOG="$LOG_DIR/netns-slurmd-%n.log"
+  SLURMD_SPOOL="$SPOOL_DIR/%n"
+fi
 
 log() { echo "[local-cluster] $*" >&2; }
 die() { local rc="$1"; shift; echo "[local-cluster] error: $*" >&2; exit "$rc"; }
@@ -143,9 +201,9 @@ write_conf() {  # prints "changed" when slurm.conf was (re)written
   mkdir -p "$CONF_DIR"
   tmp="$(mktemp)"
   cat > "$tmp" <<EOF
-$MARKER: a single-node test cluster.
-ClusterName=localcluster
-SlurmctldHost=$HOST(127.0.0.1)
+$MARKER: $DESC.
+ClusterName=$CLUSTER
+SlurmctldHost=$HOST($CTLD_ADDR)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -163,11 +221,11 @@ SchedulerParameters=sched_interval=2,bf_interval=2
 SlurmdParameters=config_overrides
 ReturnToService=2
 StateSaveLocation=$STATE_DIR
-SlurmdSpoolDir=$SPOOL_DIR
-SlurmctldPidFile=$RUN_DIR/slurmctld.pid
-SlurmdPidFile=$RUN_DIR/slurmd.pid
-SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmdSpoolDir=$SLURMD_SPOOL
+SlurmctldPidFile=$CTLD_PIDFILE
+SlurmdPidFile=$SLURMD_PIDFILE
+SlurmctldLogFile=$CTLD_LOG
+SlurmdLogFile=$SLURMD_LOG
 SlurmctldDebug=info
 SlurmdDebug=info
 # No accounting.
@@ -183,8 +241,7 @@ MinJobAge=4
 KillWait=30
 Waittime=0
 # The topology is spelled out: with CPUs= alone, Slurm assumes 1 socket x 1 core and uses 1 CPU.
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus Sockets=1 CoresPerSocket=$cpus ThreadsPerCore=1 RealMemory=$mem State=UNKNOWN
-PartitionName=local Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+$(node_lines "$cpus" "$mem")
 EOF
   if cmp -s "$tmp" "$CONF"; then
     rm -f "$tmp"
@@ -194,6 +251,19 @@ EOF
     rm -f "$tmp"
     echo changed
   fi
+}
+
+node_lines() {  # node_lines CPUS MEM: the NodeName and PartitionName lines
+  local i nodes="$HOST"
+  if [ "$NODES" -le 1 ]; then
+    echo "NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$1 Sockets=1 CoresPerSocket=$1 ThreadsPerCore=1 RealMemory=$2 State=UNKNOWN"
+  else
+    for i in $(seq 1 "$NODES"); do
+      echo "NodeName=dga-node$i NodeAddr=$NET.$i CPUs=$1 Sockets=1 CoresPerSocket=$1 ThreadsPerCore=1 RealMemory=$2 State=UNKNOWN"
+    done
+    nodes="dga-node[1-$NODES]"
+  fi
+  echo "PartitionName=local Nodes=$nodes Default=YES MaxTime=INFINITE State=UP"
 }
 
 stop_pid() {  # stop_pid PIDFILE NAME
@@ -273,8 +343,118 @@ down() {
   [ "$(id -u)" = 0 ] || die 2 "must run as root"
   stop_pid "$RUN_DIR/slurmd.pid" slurmd
   stop_pid "$RUN_DIR/slurmctld.pid" slurmctld
-  stop_pid "$MUNGE_PID" munged
+  if [ -n "$(live_pid "$RUN_DIR/netns-slurmctld.pid" slurmctld)" ]; then
+    log "munged keeps running: the --nodes cluster uses it"
+  else
+    stop_pid "$MUNGE_PID" munged
+  fi
   log "down"
+}
+
+# ---------------------------------------------------------------------------------------
+# Several nodes (--nodes N): the same, each node a network namespace (slurm/netns-nodes.sh).
+on_node() { local i="$1"; shift; bash "$NETNS" exec "$i" "$@"; }  # run a command on node I
+slurmd_pidfile() { echo "$RUN_DIR/netns-slurmd-dga-node$1.pid"; }
+
+multi_show_logs() {
+  local f
+  for f in "$LOG_DIR"/netns-slurmctld.log "$LOG_DIR"/netns-slurmd-dga-node*.log; do
+    [ -e "$f" ] && { echo "----- tail $f" >&2; tail -n 25 "$f" >&2; }
+  done
+  return 0
+}
+
+# The nodes that are not up (slurmctld does not report them usable, or their slurmd does not
+# answer), one per line; nothing when all are.
+multi_not_ready() {
+  local i state
+  for i in $(seq 1 "$NODES"); do
+    state="$(on_node 1 sinfo -h -N -n "dga-node$i" -o %T 2>/dev/null | head -1 || true)"
+    case "$state" in
+      idle|mixed|allocated|completing) on_node "$i" scontrol show slurmd >/dev/null 2>&1 || echo "dga-node$i ${state}" ;;
+      *) echo "dga-node$i ${state:-unknown}" ;;
+    esac
+  done
+}
+
+up_multi() {
+  [ "$(id -u)" = 0 ] || die 2 "must run as root (network namespaces, daemons)"
+  local rc=0 i
+  bash "$NETNS" up "$NODES" || rc=$?
+  case "$rc" in
+    0) ;;
+    2|3|5) die "$rc" "slurm/netns-nodes.sh up $NODES failed (exit $rc): no network namespaces here" ;;
+    *) die 1 "slurm/netns-nodes.sh up $NODES failed (exit $rc)" ;;
+  esac
+  install_packages
+  start_munge
+  mkdir -p /etc/slurm  # where `ip netns exec` mounts each node's slurm/ directory
+  local changed
+  changed="$(write_conf)"
+  for i in $(seq 2 "$NODES"); do  # every node gets the same slurm.conf
+    if ! cmp -s "$CONF" "/etc/netns/dga-node$i/slurm/slurm.conf"; then
+      install -D -m 0644 "$CONF" "/etc/netns/dga-node$i/slurm/slurm.conf"
+      changed=changed
+    fi
+  done
+  mkdir -p "$STATE_DIR" "$SPOOL_DIR" "$LOG_DIR" "$RUN_DIR"
+  chmod 0755 "$STATE_DIR" "$SPOOL_DIR" "$LOG_DIR" "$RUN_DIR"
+  for i in $(seq 1 "$NODES"); do mkdir -p "$SPOOL_DIR/dga-node$i"; done
+  if [ -n "$changed" ]; then  # a new configuration: restart whatever runs
+    for i in $(seq 1 "$NODES"); do stop_pid "$(slurmd_pidfile "$i")" slurmd; done
+    stop_pid "$CTLD_PIDFILE" slurmctld
+  fi
+  if [ -z "$(live_pid "$CTLD_PIDFILE" slurmctld)" ]; then
+    log "starting slurmctld on dga-node1"
+    on_node 1 slurmctld 9>&- || { multi_show_logs; die 1 "slurmctld failed to start"; }
+  fi
+  for i in $(seq 1 "$NODES"); do
+    if [ -z "$(live_pid "$(slurmd_pidfile "$i")" slurmd)" ]; then
+      log "starting slurmd on dga-node$i"
+      on_node "$i" slurmd -N "dga-node$i" 9>&- || { multi_show_logs; die 1 "slurmd on dga-node$i failed to start"; }
+    fi
+  done
+  local start=$SECONDS waiting resumed=0
+  while :; do
+    waiting="$(multi_not_ready)"
+    if [ -z "$waiting" ]; then
+      log "up: $NODES nodes dga-node[1-$NODES] at $NET.1-$NODES (slurmctld on dga-node1); Slurm commands: bash $NETNS exec 1 sinfo|sbatch|..."
+      return 0
+    fi
+    if [ "$resumed" = 0 ] && [ $((SECONDS - start)) -ge 5 ] && grep -qE ' (down|drain|fail)' <<< "$waiting"; then
+      log "resuming: $(echo $waiting)"
+      for i in $(awk '/ (down|drain|fail)/ {print $1}' <<< "$waiting"); do
+        on_node 1 scontrol update NodeName="$i" State=RESUME >&2 || true
+      done
+      resumed=1
+    fi
+    if [ $((SECONDS - start)) -ge "$WAIT" ]; then
+      on_node 1 sinfo -N -l >&2 || true
+      multi_show_logs
+      die 1 "nodes not idle after ${WAIT}s: $(echo $waiting)"
+    fi
+    sleep 1
+  done
+}
+
+down_multi() {
+  [ "$(id -u)" = 0 ] || die 2 "must run as root"
+  local pidfile
+  for pidfile in "$RUN_DIR"/netns-slurmd-*.pid; do [ -e "$pidfile" ] && stop_pid "$pidfile" slurmd; done
+  stop_pid "$CTLD_PIDFILE" slurmctld
+  [ ! -e "$NETNS" ] || bash "$NETNS" down
+  log "down (munged keeps running)"
+}
+
+status_multi() {
+  local i
+  say() { local pid; pid="$(live_pid "$2" "$3")"; echo "$1: $([ -n "$pid" ] && echo "running (pid $pid)" || echo stopped)"; }
+  say munged "$MUNGE_PID" munged
+  say "slurmctld (dga-node1)" "$CTLD_PIDFILE" slurmctld
+  for i in $(seq 1 "$NODES"); do say "slurmd (dga-node$i)" "$(slurmd_pidfile "$i")" slurmd; done
+  bash "$NETNS" status >/dev/null 2>&1 || { echo "no network namespaces (slurm/netns-nodes.sh status)"; return 1; }
+  on_node 1 sinfo 2>&1 || true
+  [ -z "$(multi_not_ready)" ]
 }
 
 status() {
@@ -297,9 +477,18 @@ if [ "$cmd" = up ] || [ "$cmd" = down ]; then
   fi
 fi
 
+if [ "$NODES" -gt 1 ]; then
+  case "$cmd" in
+    up) up_multi ;;
+    down) down_multi ;;
+    status) status_multi ;;
+    *) echo "usage: $0 [up|down|status] [--nodes N]" >&2; exit 64 ;;
+  esac
+  exit 0
+fi
 case "$cmd" in
   up) up ;;
   down) down ;;
   status) status ;;
-  *) echo "usage: $0 [up|down|status]" >&2; exit 64 ;;
+  *) echo "usage: $0 [up|down|status] [--nodes N]" >&2; exit 64 ;;
 esac

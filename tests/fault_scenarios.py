@@ -75,11 +75,15 @@ def worker_pid(marker: str, rank: int) -> int:
     return found[0]
 
 
-def wait_rows(run_dir: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+def wait_rows(run_dir: Path, n: int, procs, describe=None, timeout: float = 240) -> None:
+    """Wait until ``run_dir`` has ``n`` metrics rows while every process of ``procs`` (one or a
+    list) runs; ``describe()`` says what went wrong (default: the first process's stderr)."""
+    procs = procs if isinstance(procs, list) else [procs]
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early: {proc.communicate()[1][-2000:]}")
+        if any(p.poll() is not None for p in procs):
+            detail = describe() if describe else procs[0].communicate()[1][-2000:]
+            raise AssertionError(f"run ended early:\n{detail}")
         try:
             if len(run_dir_rows(run_dir)) >= n:
                 return

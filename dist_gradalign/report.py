@@ -325,8 +325,13 @@ def plot_metric(groups: list[Group], key: str, ylabel: str, title: str, path: Pa
                 ylim: Optional[tuple] = None) -> None:
     """One panel per x axis in ``xkeys`` (counters of :data:`AXES`): ``key`` against it."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(xkeys), figsize=(5.5 * len(xkeys), 4.6), layout="constrained", squeeze=False)
-    axes = axes[0]
+    ncols = min(3, len(xkeys))
+    nrows = -(-len(xkeys) // ncols)
+    fig, grid = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 4.2 * nrows + 0.6), layout="constrained",
+                             squeeze=False)
+    axes = grid.flatten()
+    for ax in axes[len(xkeys):]:
+        ax.set_visible(False)
     for g, color in zip(groups, _colors(len(groups))):
         _, xs, values = aligned(g, key)
         if values.size == 0:

@@ -120,6 +120,11 @@ class Trainer:
     def round_clients(self, rnd: int) -> list[int]:
         return sample_clients(self.cfg.seed, rnd, self.cfg.partition.num_clients, self.cfg.train.clients_per_round)
 
+    def _weights(self, clients: list[int]) -> dict[int, float]:
+        """w_i = n_i / sum_j n_j over the round's clients (DESIGN.md section 1)."""
+        total = sum(self.sizes[c] for c in clients)
+        return {c: self.sizes[c] / total for c in clients}
+
     def _samples(self, clients: list[int]) -> int:
         """Examples processed by forward passes this round, all clients (known without communication)."""
         a = self.algo
@@ -137,8 +142,7 @@ class Trainer:
         be, algo, x, ex = self.backend, self.algo, self.x, self.executor
         ex.start_round()
         clients = self.round_clients(rnd)
-        total = sum(self.sizes[c] for c in clients)
-        weights = {c: self.sizes[c] / total for c in clients}  # w_i = n_i / sum_j n_j
+        weights = self._weights(clients)
         mine = be.assigned(clients)
         n = x.numel()
 
@@ -204,8 +208,7 @@ class Trainer:
         sample. Two all-reduces that are not training traffic (not in ``bytes`` or ``comm_rounds``)."""
         be, x = self.backend, self.x
         clients = self.round_clients(rnd)
-        total = sum(self.sizes[c] for c in clients)
-        weights = {c: self.sizes[c] / total for c in clients}
+        weights = self._weights(clients)
         g = torch.zeros_like(x)
         g_locals = self.executor.diagnostic_grads(be.assigned(clients), weights, x,
                                                   self.cfg.train.diagnostics_batch, g)

@@ -118,7 +118,7 @@ def bare_fedavg(t: Trainer):
             for pos in local_batches(cfg.seed, state["r"], c, n, cfg.algorithm.local_steps,
                                      cfg.algorithm.local_batch_size):
                 idx = shards[c][pos.to(t.x.device)]
-                loss = F.cross_entropy(model(t.x_train[idx]), t.y_train[idx])
+                loss = F.cross_entropy(model(t.data.x[idx]), t.data.y[idx])
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():
                     for p, g in zip(params, grads):

@@ -17,7 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-SOURCES = ("emnist", "cifar10", "cifar100", "mnist", "fashionmnist", "npz", "imagefolder", "digits")
+SOURCES = ("emnist", "cifar10", "cifar100", "mnist", "fashionmnist", "npz", "npy", "imagefolder", "digits")
+STREAMING_SOURCES = ("imagefolder", "npy")  # data.storage = stream reads these lazily
 SCHEMES = ("iid", "shards", "percentage_iid", "dirichlet")
 MODELS = ("cnn_emnist", "cnn_cifar", "resnet18", "mlp", "logreg")
 ALGORITHMS = ("lbsgd", "fedavg", "fedprox", "scaffold", "fedga", "gradalign")
@@ -44,6 +45,13 @@ class DataConfig:
     augment: str = _opt("none", choices=("none", "crop_flip"))
     # stratified, seeded hold-out of the training set (before partitioning), evaluated as val_acc/val_loss
     val_fraction: float = _opt(0.0, ge=0.0, lt=1.0)
+    # memory: decode everything onto the device once; stream: read each batch from disk when needed
+    # (imagefolder, npy); auto: stream when the decoded data exceeds memory_budget_gb
+    storage: str = _opt("auto", choices=("auto", "memory", "stream"))
+    memory_budget_gb: Optional[float] = _opt(None, gt=0.0)  # per node; null: half of the available memory
+    workers: int = _opt(2, ge=0)  # stream: DataLoader worker processes per rank (0: read in the training process)
+    prefetch: int = _opt(4, ge=1)  # stream: batches read ahead per worker
+    on_corrupt: str = _opt("error", choices=("error", "skip"))  # an undecodable image: stop (exit 2), or drop it
 
 
 @dataclass
@@ -266,7 +274,11 @@ def validate(cfg: Config) -> Config:
                           "'vectorized' (it runs whole batches); use the sequential executor or drop it")
     if any(h < 1 for h in cfg.model.hidden):
         raise ConfigError(f"model.hidden = {cfg.model.hidden!r} is out of range: every width must be >= 1")
-    if cfg.data.source in ("npz", "imagefolder") and not cfg.data.root:
+    if cfg.data.storage == "stream" and cfg.data.source not in STREAMING_SOURCES:
+        raise ConfigError(f"data.storage = 'stream' is not allowed for data.source = {cfg.data.source!r}: only "
+                          f"{' and '.join(STREAMING_SOURCES)} are read lazily; use storage=memory, or store the "
+                          "data as an image folder or as .npy files (python -m dist_gradalign.data.convert)")
+    if cfg.data.source in ("npz", "npy", "imagefolder") and not cfg.data.root:
         raise ConfigError(f"data.root = {cfg.data.root!r} is not allowed: data.source = "
                           f"{cfg.data.source!r} needs the path of its file or folder")
     return cfg

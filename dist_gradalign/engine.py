@@ -15,13 +15,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from . import checkpoint
 from .algorithms import build_algorithm
 from .backend import Backend, BucketReducer
 from .config import Config, ConfigError, dump_config
-from .data import holdout, load_dataset, partition, sample_clients
+from .data import holdout, partition, sample_clients
+from .data.sources import ImageSplit, Source, drop_corrupt, materialize, open_source
+from .data.stream import InMemory, Streamed, choose_storage, find_corrupt
 from .executor import SequentialExecutor, batch_size_of
 from .models import FlatModel, build_model, evaluate_sums
 from .rundir import RunDirError, RunDirLock, lock_run_dir
@@ -68,14 +71,21 @@ class Trainer:
         if cfg.train.precision == "bf16" and be.device.type == "cpu" and be.is_main:
             print("note: train.precision = 'bf16' on CPU: autocast runs, but bfloat16 is rarely faster there",
                   file=sys.stderr, flush=True)
-        if cfg.data.download and be.world_size > 1:
-            # one download per node, then the other ranks read what it fetched
-            data = load_dataset(cfg.data) if be.local_rank == 0 else None
-            be.barrier()
-            data = data or load_dataset(cfg.data)
+        src = self._open_source()
+        dev = be.device
+        self.data_record = choose_storage(cfg.data, src, be.local_world_size, dev, dtype.itemsize)
+        stream = self.data_record["storage"] == "stream"
+        if be.is_main and stream:
+            rec = self.data_record
+            print(f"data: storage stream ({rec['reason']}), {cfg.data.workers} loader worker(s) per rank",
+                  file=sys.stderr, flush=True)
+        if stream:
+            self._drop_corrupt(src)
+            labels = src.train.labels
         else:
-            data = load_dataset(cfg.data)
-        labels = data.y_train.numpy()
+            ds = materialize(src, cfg.data)  # with on_corrupt = skip, undecodable images are dropped here
+            self.data_record["skipped"] = ds.skipped
+            labels = ds.y_train.numpy()
         # the validation hold-out leaves the training set before partitioning (disjoint from every shard)
         self.val_np, rest = holdout(labels, cfg.data.val_fraction, cfg.seed)
         if cfg.data.val_fraction > 0 and len(self.val_np) == 0:
@@ -86,16 +96,17 @@ class Trainer:
         if min(self.sizes) == 0:
             raise ConfigError(f"partition.num_clients = {cfg.partition.num_clients} leaves a client with no data "
                               f"({len(labels)} training samples, scheme {cfg.partition.scheme!r})")
-        dev = be.device
-        self.x_train, self.y_train = data.x_train.to(dev, dtype), data.y_train.to(dev)
         # evaluation: each rank a slice of the test set and of the validation hold-out
-        self.x_test, self.y_test = data.x_test[be.rank::be.world_size].to(dev, dtype), data.y_test[be.rank::be.world_size].to(dev)
-        val = torch.as_tensor(self.val_np[be.rank::be.world_size], dtype=torch.long)
-        self.x_val, self.y_val = data.x_train[val].to(dev, dtype), data.y_train[val].to(dev)
+        if stream:
+            self.data = Streamed(src, self.val_np, be.rank, be.world_size, dev, dtype, cfg.data, self._reads,
+                                 cfg.train.rounds)
+        else:
+            self.data = InMemory(ds, self.val_np, be.rank, be.world_size, dev, dtype)
+            del ds
         shards = [torch.as_tensor(s, dtype=torch.long) for s in self.shards_np]  # on CPU: indices are gathered there
 
         torch.manual_seed(cfg.seed)  # the same initial x on every rank
-        module = build_model(cfg.model, data.input_shape, data.num_classes).to(dev, dtype)
+        module = build_model(cfg.model, src.train.input_shape, src.num_classes).to(dev, dtype)
         self.fm = FlatModel(module, autocast=cfg.train.precision == "bf16")
         self.x = self.fm.params.clone()
         be.broadcast_(self.x)
@@ -105,16 +116,55 @@ class Trainer:
         self.reducer = (BucketReducer(be, self.fm.param_list, self.fm.grads, int(cfg.train.bucket_mb * 2**20))
                         if cfg.train.comm == "bucketed" and cfg.train.executor == "sequential" and overlaps else None)
         if cfg.train.executor == "vectorized":
-            self.executor = VectorizedExecutor(self.fm, self.x_train, self.y_train, shards, cfg.seed,
+            self.executor = VectorizedExecutor(self.fm, self.data, shards, cfg.seed,
                                                cfg.data.augment, cfg.train.micro_batch_size)
         else:
-            self.executor = SequentialExecutor(self.fm, self.x_train, self.y_train, shards, cfg.seed,
+            self.executor = SequentialExecutor(self.fm, self.data, shards, cfg.seed,
                                                cfg.data.augment, cfg.train.micro_batch_size, self.reducer)
         self.counters = Counters()
         self.last_row: dict = {}
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
         self.stop_agreed = False  # some rank asked: all stop after this round
         self.lock: Optional[RunDirLock] = None  # rank 0's lock on run_dir while fit runs
+
+    def _open_source(self) -> Source:
+        """Open the data source (with ``data.download``, local rank 0 fetches it first, once per node)."""
+        cfg, be = self.cfg, self.backend
+        if cfg.data.download and be.world_size > 1:
+            src = open_source(cfg.data) if be.local_rank == 0 else None
+            be.barrier()
+            return src or open_source(cfg.data)
+        return open_source(cfg.data)
+
+    def _drop_corrupt(self, src: Source) -> None:
+        """``data.on_corrupt: skip`` when streaming: every image is decoded once, each rank a slice
+        (with ``data.workers`` processes), and the ranks agree on the list by one all-reduce."""
+        cfg, be = self.cfg, self.backend
+        skipped = []
+        for name in ("train", "test"):
+            split = getattr(src, name)
+            if cfg.data.on_corrupt != "skip" or not isinstance(split, ImageSplit):
+                continue
+            if be.is_main:
+                print(f"data.on_corrupt = skip: decoding the {len(split)} {name} images once to find corrupt "
+                      "ones", file=sys.stderr, flush=True)
+            mask = torch.zeros(len(split), device=be.device)
+            mask[find_corrupt(split, np.arange(be.rank, len(split), be.world_size), cfg.data.workers)] = 1
+            bad = be.all_reduce_(mask, count=False).nonzero().flatten().tolist()
+            skipped += [split.describe(i) for i in bad]
+            setattr(src, name, drop_corrupt(split, bad, name))
+        self.data_record["skipped"] = skipped
+
+    def _reads(self, rnd: int) -> list[torch.Tensor]:
+        """The dataset indices this rank gathers in round ``rnd``, in order (``data.storage: stream``
+        prefetches them): the diagnostic's, then the executor's."""
+        mine = self.backend.assigned(self.round_clients(rnd))
+        diag = self.executor.diagnostic_reads(mine, self.cfg.train.diagnostics_batch) if self._diag_round(rnd) else []
+        return diag + self.executor.round_reads(self.algo, rnd, mine)
+
+    def _diag_round(self, rnd: int) -> bool:
+        every = self.cfg.train.diagnostics_every
+        return bool(every) and (rnd == 1 or rnd % every == 0)
 
     # ------------------------------------------------------------------ one round
     def round_clients(self, rnd: int) -> list[int]:
@@ -193,9 +243,9 @@ class Trainer:
         evaluates a slice, one all-reduce (not counted as training traffic)."""
         self.fm.params.copy_(self.x)
         bs = self.cfg.train.eval_batch_size
-        parts = [evaluate_sums(self.fm, self.x_test, self.y_test, bs)]
+        parts = [evaluate_sums(self.fm, self.data.eval_batches("test", bs))]
         if len(self.val_np):
-            parts.append(evaluate_sums(self.fm, self.x_val, self.y_val, bs))
+            parts.append(evaluate_sums(self.fm, self.data.eval_batches("val", bs)))
         sums = self.backend.all_reduce_(torch.cat(parts), count=False).tolist()
         out = {"test_acc": sums[0] / sums[2], "test_loss": sums[1] / sums[2]}
         if len(self.val_np):
@@ -250,6 +300,7 @@ class Trainer:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
         (run_dir / "partition.json").write_text(json.dumps(
             {"scheme": cfg.partition.scheme, "clients": {str(i): s.tolist() for i, s in enumerate(self.shards_np)}}))
+        (run_dir / "data.json").write_text(json.dumps(self.data_record, indent=1))
         if len(self.val_np):
             (run_dir / "val_indices.json").write_text(json.dumps(
                 {"val_fraction": cfg.data.val_fraction, "indices": self.val_np.tolist()}))
@@ -324,10 +375,10 @@ class Trainer:
             bar = tqdm(total=cfg.train.rounds, initial=self.counters.round, desc=cfg.algorithm.name,
                        unit="round", dynamic_ncols=True)
         handlers = _install_stop_handlers(self)
-        diag_every = cfg.train.diagnostics_every
         try:
             for rnd in range(self.counters.round + 1, cfg.train.rounds + 1):
-                diag = self.diagnostics(rnd) if diag_every and (rnd == 1 or rnd % diag_every == 0) else {}
+                self.data.start_round(rnd)
+                diag = self.diagnostics(rnd) if self._diag_round(rnd) else {}
                 start = time.perf_counter()
                 row = self.run_round(rnd)
                 # training wall time: evaluation and diagnostics are not counted
@@ -354,6 +405,7 @@ class Trainer:
                 tracker.finish(None, exit_code=1)
             raise
         finally:
+            self.data.close()
             _restore_handlers(handlers)
             if bar:
                 bar.close()

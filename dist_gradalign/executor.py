@@ -31,6 +31,7 @@ import torch
 
 from .algorithms import Algorithm, ClientState
 from .data import augment_batch
+from .data.stream import InMemory, Streamed
 from .backend import BucketReducer
 from .models import FlatModel, loss_and_grad, num_chunks
 
@@ -92,10 +93,9 @@ class SequentialExecutor:
     flag, summed into the round's all-reduce; the client is named only when a flag is set.
     """
 
-    def __init__(self, fm: FlatModel, x_train: torch.Tensor, y_train: torch.Tensor,
-                 shards: list[torch.Tensor], seed: int, augment: str, micro_batch: int | None,
-                 reducer: BucketReducer | None = None):
-        self.fm, self.x_train, self.y_train = fm, x_train, y_train
+    def __init__(self, fm: FlatModel, data: InMemory | Streamed, shards: list[torch.Tensor], seed: int,
+                 augment: str, micro_batch: int | None, reducer: BucketReducer | None = None):
+        self.fm, self.data = fm, data
         self.shards, self.seed, self.augment, self.micro_batch = shards, seed, augment, micro_batch
         self.reducer = reducer
         # this round's checks, in order: (descriptions, a non-finite flag per row, losses or None)
@@ -136,8 +136,7 @@ class SequentialExecutor:
 
     def _batch(self, rnd: int, cid: int, positions: torch.Tensor, aug_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and labels of client ``cid`` at the given shard positions, augmented."""
-        idx = self.shards[cid][positions].to(self.x_train.device)  # gathered on CPU, one copy
-        xb, yb = self.x_train[idx], self.y_train[idx]
+        xb, yb = self.data.gather(self.shards[cid][positions])  # indices gathered on CPU
         if self.augment != "none":
             xb = self._augment(xb, rnd, cid, aug_step)
         return xb, yb
@@ -174,6 +173,20 @@ class SequentialExecutor:
                 buf[:x.numel()].add_(out[cid], alpha=weights[cid])
         return out
 
+    # The dataset indices a round gathers, in order: what data.storage = stream prefetches. They
+    # follow the loops of client_grads, diagnostic_grads and local_updates exactly.
+    def diagnostic_reads(self, clients: list[int], size) -> list[torch.Tensor]:
+        return [self.shards[c][grad_batch(self.seed, 0, c, len(self.shards[c]), size)] for c in clients]
+
+    def round_reads(self, algo: Algorithm, rnd: int, clients: list[int]) -> list[torch.Tensor]:
+        out = []
+        if algo.needs_client_grads:
+            out += [self.shards[c][self._grad_positions(algo, rnd, c)[0]] for c in clients]
+        for c in clients:
+            out += [self.shards[c][p] for p in local_batches(self.seed, rnd, c, len(self.shards[c]), algo.local_steps(),
+                                                             algo.cfg.local_batch_size)]
+        return out
+
     @torch.no_grad()
     def diagnostic_grads(self, clients: list[int], weights: dict[int, float], x: torch.Tensor, size,
                          buf: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -183,10 +196,9 @@ class SequentialExecutor:
         into ``buf``; returns {cid: g_i}."""
         self.fm.params.copy_(x)
         out = {}
-        for cid in clients:
-            idx = self.shards[cid][grad_batch(self.seed, 0, cid, len(self.shards[cid]), size)].to(self.x_train.device)
+        for cid, idx in zip(clients, self.diagnostic_reads(clients, size)):
             with torch.enable_grad():
-                loss_and_grad(self.fm, self.x_train[idx], self.y_train[idx], self.micro_batch)
+                loss_and_grad(self.fm, *self.data.gather(idx), self.micro_batch)
             out[cid] = self.fm.grads.clone()
             buf.add_(out[cid], alpha=weights[cid])
         return out

@@ -5,6 +5,8 @@ statistics is ill-defined), so a model's whole state is its parameter vector.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -235,11 +237,10 @@ def loss_and_grad(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, micro_batch: 
 
 
 @torch.no_grad()
-def evaluate_sums(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor:
-    """[correct, summed loss, count] of the model at ``fm.params`` on (x, y), in float64."""
+def evaluate_sums(fm: FlatModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """[correct, summed loss, count] of the model at ``fm.params`` over the (x, y) ``batches``, in float64."""
     out = torch.zeros(3, dtype=torch.float64, device=fm.params.device)
-    for start in range(0, x.shape[0], batch):
-        xb, yb = x[start:start + batch], y[start:start + batch]
+    for xb, yb in batches:
         with autocast(fm):
             logits = fm.module(xb).float() if fm.autocast else fm.module(xb)
         out[0] += (logits.argmax(1) == yb).sum()

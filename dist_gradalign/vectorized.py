@@ -37,11 +37,23 @@ class VectorizedExecutor(SequentialExecutor):
     def _stacked(self, rnd: int, cids: list[int], positions: list[torch.Tensor], aug_step: int):
         """The group's batches as (m, b, ...) inputs and (m, b) labels: indices gathered on CPU,
         one copy to the device, one gather; augmentation per client (its own generator)."""
-        idx = torch.stack([self.shards[c][p] for c, p in zip(cids, positions)]).to(self.x_train.device)
-        xb, yb = self.x_train[idx], self.y_train[idx]
+        xb, yb = self.data.gather(torch.stack([self.shards[c][p] for c, p in zip(cids, positions)]))
         if self.augment != "none":
             xb = torch.stack([self._augment(xb[j], rnd, c, aug_step) for j, c in enumerate(cids)])
         return xb, yb
+
+    def round_reads(self, algo: Algorithm, rnd: int, clients: list[int]) -> list[torch.Tensor]:
+        """The gathers of client_grads and local_updates below, in their order."""
+        out = []
+        if algo.needs_client_grads:
+            pos = {c: self._grad_positions(algo, rnd, c)[0] for c in clients}
+            for group in self._groups(clients, lambda c: len(pos[c])):
+                out.append(torch.stack([self.shards[c][pos[c]] for c in group]))
+        batches = {c: local_batches(self.seed, rnd, c, len(self.shards[c]), algo.local_steps(),
+                                    algo.cfg.local_batch_size) for c in clients}
+        for group in self._groups(clients, lambda c: tuple(len(b) for b in batches[c])):
+            out += [torch.stack([self.shards[c][batches[c][k]] for c in group]) for k in range(algo.local_steps())]
+        return out
 
     @staticmethod
     def _groups(clients: list[int], sizes_of) -> list[list[int]]:

@@ -92,7 +92,7 @@ def test_evaluate_sums():
         fm.params.copy_(torch.tensor([1.0, 0.0, -1.0, 0.0, 0.0, 0.0]))  # class 0 iff x[0] > 0
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [2.0, 0.0]]).view(3, 1, 1, 2)
     y = torch.tensor([0, 1, 1])
-    correct, loss, count = evaluate_sums(fm, x, y, batch=2).tolist()
+    correct, loss, count = evaluate_sums(fm, [(x[:2], y[:2]), (x[2:], y[2:])]).tolist()
     assert (correct, count) == (2, 3)
     expected = F.cross_entropy(fm.module(x), y, reduction="sum").item()
     assert loss == pytest.approx(expected, rel=1e-6)

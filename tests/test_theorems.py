@@ -53,7 +53,7 @@ def grad_r(t: Trainer, x0: torch.Tensor) -> torch.Tensor:
     gis = []
     for shard in t.shards_np:
         idx = torch.as_tensor(shard)
-        loss = F.cross_entropy(functional_call(module, params, (t.x_train[idx],)), t.y_train[idx])
+        loss = F.cross_entropy(functional_call(module, params, (t.data.x[idx],)), t.data.y[idx])
         gis.append(torch.autograd.grad(loss, x, create_graph=True)[0])
     g = sum(wi * gi for wi, gi in zip(w, gis))
     r = 0.5 * sum(wi * (gi - g).pow(2).sum() for wi, gi in zip(w, gis))
@@ -119,7 +119,7 @@ def test_grad_variance_logged_is_r(trainer):
         trainer.fm.params.copy_(x0)
         idx = torch.as_tensor(shard)
         from dist_gradalign.models import loss_and_grad
-        loss_and_grad(trainer.fm, trainer.x_train[idx], trainer.y_train[idx])
+        loss_and_grad(trainer.fm, trainer.data.x[idx], trainer.data.y[idx])
         gis.append(trainer.fm.grads.clone())
     w = np.array(trainer.sizes) / sum(trainer.sizes)
     g = sum(wi * gi for wi, gi in zip(w, gis))

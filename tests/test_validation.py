@@ -34,7 +34,7 @@ def test_run_holds_out_validation_and_reports_it(tmp_path):
     val = json.loads((run / "val_indices.json").read_text())["indices"]
     shards = json.loads((run / "partition.json").read_text())["clients"].values()
     in_shards = np.concatenate([np.array(s) for s in shards])
-    n_train = len(t.x_train)
+    n_train = len(t.data.y)
     assert len(val) == pytest.approx(0.2 * n_train, abs=10)
     assert len(np.intersect1d(val, in_shards)) == 0, "validation samples leaked into a client's shard"
     assert np.array_equal(np.sort(np.concatenate([val, in_shards])), np.arange(n_train))
@@ -44,7 +44,7 @@ def test_run_holds_out_validation_and_reports_it(tmp_path):
     t.fm.module.load_state_dict(load_params(cfg.run_dir))
     t.fm.params.copy_(torch.cat([p.detach().reshape(-1) for p in t.fm.module.parameters()]))
     idx = torch.as_tensor(val)
-    correct, loss, count = evaluate_sums(t.fm, t.x_train[idx], t.y_train[idx], 100).tolist()
+    correct, loss, count = evaluate_sums(t.fm, [t.data.gather(idx)]).tolist()
     assert count == len(val)
     assert rows[-1]["val_acc"] == pytest.approx(correct / count, abs=1e-12)
     assert rows[-1]["val_loss"] == pytest.approx(loss / count, rel=1e-6)

@@ -1,8 +1,16 @@
-"""Datasets, loaded whole into memory as float tensors.
+"""Datasets: every source opens as a train and a test :class:`Split`, read by sample index.
 
-Every source ends up as a :class:`Dataset`: images ``(N, C, H, W)`` (or feature vectors
-``(N, D)`` from an ``npz`` file) float32, already scaled to [0, 1] and normalized, labels int64;
-non-finite inputs are refused. Sources (``data.source``):
+A split holds its labels in memory and reads inputs on demand, in the layout the models take:
+images ``(B, C, H, W)`` or feature vectors ``(B, D)``, raw (uint8, or float as stored). Two
+storage modes (``data.storage``) use the same splits and the same conversion
+(:class:`Normalizer`), so they give bitwise the same float inputs:
+
+- ``memory`` (:func:`load_dataset`): read everything once into float32 tensors.
+- ``stream`` (:mod:`dist_gradalign.data.stream`): read each batch when it is needed. Only
+  ``imagefolder`` (each image decoded from its file) and ``npy`` (arrays opened memory-mapped)
+  are lazy; the other sources are arrays in memory already.
+
+Sources (``data.source``):
 
 - ``emnist`` (split "balanced", 47 classes), ``cifar10``, ``cifar100``, ``mnist``,
   ``fashionmnist``: torchvision datasets under ``data.root`` (fetched when ``data.download``).
@@ -12,8 +20,14 @@ non-finite inputs are refused. Sources (``data.source``):
   is 1 or 3 and the second is not); or feature vectors ``(N, D)`` (tabular data, precomputed
   embeddings) for ``mlp`` and ``logreg``, normalized per feature where images are per channel,
   never augmented.
+- ``npy``: ``data.root`` is a directory holding the same four arrays as ``x_train.npy``,
+  ``y_train.npy``, ``x_test.npy``, ``y_test.npy`` (uncompressed), opened memory-mapped: the
+  format for arrays larger than memory (``python -m dist_gradalign.data.convert`` writes it
+  from any source).
 - ``imagefolder``: ``data.root`` is a directory or a ``.zip`` holding
-  ``train/<class>/*.{jpg,jpeg,png}`` and ``test/<class>/*``.
+  ``train/<class>/*.{jpg,jpeg,png}`` and ``test/<class>/*`` (ImageNet's layout); all images
+  of one size. A zip's directory of members is held in memory (about 0.5 KB per image): for
+  millions of images prefer a directory.
 - ``digits``: scikit-learn's bundled 8x8 digits (no download), 1497 train / 300 test; needs the
   ``digits`` extra (scikit-learn).
 
@@ -24,9 +38,10 @@ when it is set).
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -59,7 +74,7 @@ class DataError(RuntimeError):
 
 @dataclass
 class Dataset:
-    """A train/test pair held in memory.
+    """A train/test pair held in memory (``data.storage: memory``).
 
     ``x_*`` are float32 ``(N, C, H, W)`` images or ``(N, D)`` feature vectors (scaled and
     normalized), ``y_*`` are int64 ``(N,)``.
@@ -71,6 +86,7 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     name: str
+    skipped: list[str] = field(default_factory=list)  # undecodable images dropped (data.on_corrupt: skip)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -78,86 +94,267 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-# Arrays as the loaders return them: (x_train, y_train, x_test, y_test), x in NCHW (or ND).
-Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+# ------------------------------------------------------------------------ splits
+
+class Split:
+    """One split of a source: ``labels`` (int64, in memory) and ``read(idx)``, the raw inputs of
+    the samples ``idx`` as one array ``(B, *input_shape)``."""
+
+    labels: np.ndarray
+    input_shape: tuple[int, ...]
+    dtype: np.dtype
+    lazy = False  # True: read from disk on demand (the others hold their arrays in memory)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self, i: int) -> str:
+        """How an error message names sample ``i``."""
+        return f"sample {i}"
+
+    def subset(self, keep: np.ndarray) -> "Split":
+        """The split without the samples where ``keep`` is False (see ``data.on_corrupt``)."""
+        raise NotImplementedError
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Memory of the whole split as float32 inputs (what ``storage: memory`` holds)."""
+        return len(self) * int(np.prod(self.input_shape)) * 4
+
+
+def _layout(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """How to bring a batch of ``x`` to (B, C, H, W) images or (B, D) vectors; raises ValueError."""
+    if x.ndim == 3:
+        return lambda b: b[:, None]
+    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        return lambda b: b.transpose(0, 3, 1, 2)  # channels last -> channels first
+    if x.ndim in (2, 4):
+        return lambda b: b
+    raise ValueError(f"has shape {x.shape}, expected 2 (feature vectors), 3 or 4 (images) dimensions")
+
+
+class ArraySplit(Split):
+    """Inputs in an array: in memory, or a read-only memory map of an ``.npy`` file (``lazy``)."""
+
+    def __init__(self, x: np.ndarray, labels: np.ndarray, lazy: bool = False):
+        self.x, self.labels, self.lazy = x, np.ascontiguousarray(labels, dtype=np.int64), lazy
+        self._layout = _layout(x)
+        self.input_shape = tuple(self._layout(x[:0]).shape[1:])
+        self.dtype = x.dtype
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        return self._layout(np.asarray(self.x[np.asarray(idx)]))
+
+    def subset(self, keep: np.ndarray) -> "ArraySplit":
+        return ArraySplit(self.x[keep], self.labels[keep], self.lazy)
+
+
+class ImageSplit(Split):
+    """Images decoded one by one from files in a directory or members of a zip (never extracted).
+
+    ``names`` are the images' paths relative to ``root``, as a compact numpy string array
+    (the only per-image memory besides the labels). Every image must be ``input_shape``."""
+
+    lazy = True
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, root: Path, names: np.ndarray, labels: np.ndarray, input_shape: Optional[tuple] = None):
+        self.root, self.names, self.labels = root, names, labels
+        self.is_zip = not root.is_dir()
+        self._zip: Optional[tuple[int, zipfile.ZipFile]] = None  # (pid, handle): one per process
+        self.input_shape = input_shape or self._pixels(0).transpose(2, 0, 1).shape
+
+    def __getstate__(self) -> dict:  # a DataLoader worker opens its own zip handle
+        return {**self.__dict__, "_zip": None}
+
+    def describe(self, i: int) -> str:
+        return f"{self.root}{':' if self.is_zip else '/'}{self.names[i]}"
+
+    def _bytes(self, i: int) -> bytes:
+        if not self.is_zip:
+            return (self.root / str(self.names[i])).read_bytes()
+        if self._zip is None or self._zip[0] != os.getpid():
+            self._zip = (os.getpid(), zipfile.ZipFile(self.root))
+        return self._zip[1].read(str(self.names[i]))
+
+    def _pixels(self, i: int) -> np.ndarray:
+        """Image ``i`` as RGB (H, W, 3) uint8; a DataError that names the file if it cannot be."""
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(self._bytes(i))) as im:
+                return np.asarray(im.convert("RGB"))
+        except _READ_ERRORS as e:
+            raise CorruptImage(f"cannot decode image {self.describe(i)}: {e}; repair or delete it, or set "
+                               "data.on_corrupt=skip to train without it") from e
+
+    def read(self, idx: np.ndarray, bad: Optional[list[int]] = None) -> np.ndarray:
+        """The images ``idx`` decoded. With a ``bad`` list, an undecodable image is left zero and
+        its position in ``idx`` appended to ``bad`` instead of raising."""
+        c, h, w = self.input_shape
+        out = np.zeros((len(idx), h, w, c), dtype=np.uint8)
+        for j, i in enumerate(np.asarray(idx).tolist()):
+            try:
+                pixels = self._pixels(i)
+            except CorruptImage:
+                if bad is None:
+                    raise
+                bad.append(j)
+                continue
+            if pixels.shape != out.shape[1:]:
+                raise DataError(f"image {self.describe(i)} is {pixels.shape[1]}x{pixels.shape[0]} but the first "
+                                f"image is {w}x{h}; all images must share one size")
+            out[j] = pixels
+        return out.transpose(0, 3, 1, 2)
+
+    def corrupt(self, idx: np.ndarray) -> list[int]:
+        """Which of ``idx`` cannot be decoded (every image is decoded once)."""
+        bad: list[int] = []
+        self.read(idx, bad)
+        return [int(idx[j]) for j in bad]
+
+    def subset(self, keep: np.ndarray) -> "ImageSplit":
+        return ImageSplit(self.root, self.names[keep], self.labels[keep], self.input_shape)
+
+
+class CorruptImage(DataError):
+    """An image file that cannot be decoded (``data.on_corrupt: skip`` drops it)."""
+
+
+@dataclass
+class Source:
+    """A source opened: its two splits, the class count and the input conversion."""
+
+    train: Split
+    test: Split
+    num_classes: int
+    normalizer: "Normalizer"
+    name: str
+
+
+class Normalizer:
+    """Raw inputs to float32: uint8 / 255, float as stored; then (x - mean) / std per channel
+    (per feature for vectors). Elementwise, so a batch converts exactly as the whole split."""
+
+    def __init__(self, norm: Optional[Normalize], input_shape: tuple[int, ...]):
+        self.norm = norm
+        self.mean = self.std = None
+        if norm is not None:
+            self.mean, self.std = (_per_channel(v, input_shape, norm) for v in norm)
+
+    def __call__(self, raw: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(raw))
+        t = t.float().div_(255) if t.dtype == torch.uint8 else t.to(torch.float32)
+        return t if self.mean is None else t.sub_(self.mean).div_(self.std)
+
+
+def _per_channel(value: Union[Number, Sequence[Number]], input_shape: tuple[int, ...],
+                 norm: Normalize) -> torch.Tensor:
+    """``value`` broadcast over axis 1 of a batch: channels of images, features of vectors."""
+    channels = input_shape[0]
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * channels
+    if len(values) != channels:
+        kind = ("feature vectors", "feature") if len(input_shape) == 1 else ("images", "channel")
+        raise ConfigError(f"data.normalize = {list(norm)!r} does not fit the {kind[0]}: a per-{kind[1]} list "
+                          f"must have {channels} entries (one per {kind[1]}), got {len(values)}")
+    return torch.tensor(values, dtype=torch.float32).view(1, channels, *[1] * (len(input_shape) - 1))
+
+
+def check_finite(x: torch.Tensor, what: str, describe: Callable[[int], str], where: str) -> None:
+    """A DataError naming the first non-finite sample of ``x`` (``describe(j)`` names row j)."""
+    bad = ~torch.isfinite(x.flatten(1)).all(1)
+    if bad.any():
+        j = int(bad.nonzero()[0])
+        kind = "NaN" if torch.isnan(x[j]).any() else "inf"
+        raise DataError(f"{where}: {what} holds non-finite values ({int(bad.sum())} of {len(x)} samples; the "
+                        f"first is {describe(j)}, with {kind}); remove or repair those samples (training on "
+                        "them would only diverge)")
+
+
+def open_source(cfg: DataConfig) -> Source:
+    """Open ``cfg.source``: labels and shapes read, inputs not yet (except the in-memory sources).
+
+    Raises :class:`DataError` when the data is missing or malformed and
+    :class:`~dist_gradalign.config.ConfigError` when ``cfg.normalize`` does not fit the inputs or
+    ``cfg.augment`` is set for feature vectors."""
+    source = cfg.source
+    if source in _TORCHVISION:
+        train, test = _load_torchvision(cfg)
+    elif source == "npz":
+        train, test = _open_arrays(Path(cfg.root), npy=False)
+    elif source == "npy":
+        train, test = _open_arrays(Path(cfg.root), npy=True)
+    elif source == "imagefolder":
+        train, test = _open_imagefolder(Path(cfg.root))
+    elif source == "digits":
+        train, test = _load_digits()
+    else:
+        raise ConfigError(f"data.source = {source!r} is not allowed: choose one of "
+                          + ", ".join([*_TORCHVISION, "npz", "npy", "imagefolder", "digits"]))
+    if train.input_shape != test.input_shape:
+        raise DataError(f"{source} data at {cfg.root!r}: one train input has shape {train.input_shape} "
+                        f"but one test input {test.input_shape}; both splits must share one input shape")
+    if len(train.input_shape) == 1 and cfg.augment != "none":
+        raise ConfigError(f"data.augment = {cfg.augment!r} is not allowed for feature vectors (x_train of shape "
+                          f"{(len(train), *train.input_shape)}): it crops and flips images; set data.augment=none")
+    norm = cfg.normalize if cfg.normalize is not None else DEFAULT_NORMALIZE.get(source)
+    if source in ("npz", "npy") and train.dtype != np.uint8:
+        norm = None  # float arrays are used exactly as stored
+    num_classes = int(max(train.labels.max(initial=-1), test.labels.max(initial=-1))) + 1
+    return Source(train, test, num_classes, Normalizer(norm, train.input_shape), source)
+
+
+def drop_corrupt(split: Split, bad: Sequence[int], name: str) -> Split:
+    """``split`` without the samples ``bad`` (``data.on_corrupt: skip``); refuses to empty a split."""
+    if not len(bad):
+        return split
+    if len(bad) == len(split):
+        raise DataError(f"every image of the {name} split is corrupt (the first: {split.describe(bad[0])})")
+    keep = np.ones(len(split), dtype=bool)
+    keep[np.asarray(bad)] = False
+    return split.subset(keep)
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load ``cfg.source`` into memory, scaled to [0, 1] and normalized.
+    """Read ``cfg.source`` whole into memory (``data.storage: memory``) as float32 tensors.
 
     uint8 images are divided by 255 and then normalized with ``cfg.normalize`` (or the
-    source's default). Float images from an ``npz`` file are used exactly as stored (cast to
-    float32): neither scaled nor normalized, even if ``cfg.normalize`` is set. ``digits`` (values 0..16) is
-    divided by 16 and normalized only if ``cfg.normalize`` is set.
+    source's default). Float arrays from ``npz``/``npy`` are used exactly as stored (cast to
+    float32): neither scaled nor normalized, even if ``cfg.normalize`` is set. ``digits``
+    (values 0..16) is divided by 16 and normalized only if ``cfg.normalize`` is set. Feature
+    vectors ``(N, D)`` are treated as one channel per feature (``cfg.normalize`` lists then hold
+    one entry per feature).
 
-    Feature vectors ``(N, D)`` are treated as one channel per feature (``cfg.normalize`` lists
-    then hold one entry per feature).
-
-    Raises :class:`DataError` when the data is missing, malformed or not finite (NaN or inf,
-    naming the array and the first bad sample) and :class:`~dist_gradalign.config.ConfigError`
-    when ``cfg.normalize`` does not fit the images or ``cfg.augment`` is set for feature vectors.
-    """
-    source = cfg.source
-    if source in _TORCHVISION:
-        arrays = _load_torchvision(cfg)
-    elif source == "npz":
-        arrays = _load_npz(Path(cfg.root))
-    elif source == "imagefolder":
-        arrays = _load_imagefolder(Path(cfg.root))
-    elif source == "digits":
-        arrays = _load_digits()
-    else:
-        raise ConfigError(f"data.source = {source!r} is not allowed: choose one of "
-                          + ", ".join([*_TORCHVISION, "npz", "imagefolder", "digits"]))
-    x_train, y_train, x_test, y_test = arrays
-    if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(f"{source} data at {cfg.root!r}: one train input has shape {x_train.shape[1:]} "
-                        f"but one test input {x_test.shape[1:]}; both splits must share one input shape")
-    if x_train.ndim == 2 and cfg.augment != "none":
-        raise ConfigError(f"data.augment = {cfg.augment!r} is not allowed for feature vectors (x_train of shape "
-                          f"{x_train.shape}): it crops and flips images; set data.augment=none")
-    norm = cfg.normalize if cfg.normalize is not None else DEFAULT_NORMALIZE.get(source)
-    if source == "npz" and x_train.dtype != np.uint8:
-        norm = None  # float npz arrays are used exactly as stored
-    xs = {}
-    for name, x in (("x_train", x_train), ("x_test", x_test)):
-        xs[name] = t = _to_float(x, norm)
-        bad = ~torch.isfinite(t.flatten(1)).all(1)
-        if bad.any():
-            i = int(bad.nonzero()[0])
-            what = "NaN" if torch.isnan(t[i]).any() else "inf"
-            raise DataError(f"{source} data at {cfg.root!r}: {name} holds non-finite values ({int(bad.sum())} of "
-                            f"{len(t)} samples; the first is sample {i}, with {what}); remove or repair those "
-                            "samples (training on them would only diverge)")
-    return Dataset(
-        x_train=xs["x_train"],
-        y_train=torch.from_numpy(np.ascontiguousarray(y_train, dtype=np.int64)),
-        x_test=xs["x_test"],
-        y_test=torch.from_numpy(np.ascontiguousarray(y_test, dtype=np.int64)),
-        num_classes=int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1,
-        name=source,
-    )
+    With ``cfg.on_corrupt = "skip"`` undecodable images are dropped (the returned dataset's
+    ``skipped`` lists them); otherwise the first stops the load with a :class:`DataError`
+    naming it. Non-finite inputs (NaN or inf) are a :class:`DataError` naming the array and
+    the first bad sample."""
+    src = open_source(cfg)
+    return materialize(src, cfg)
 
 
-def _to_float(x: np.ndarray, norm: Optional[Normalize]) -> torch.Tensor:
-    """uint8 -> float32 / 255; float -> float32 unchanged; then (x - mean) / std per channel."""
-    t = torch.from_numpy(np.ascontiguousarray(x))
-    t = t.float().div_(255) if t.dtype == torch.uint8 else t.to(torch.float32)
-    if norm is None:
-        return t
-    mean, std = (_per_channel(v, t, norm) for v in norm)
-    return t.sub_(mean).div_(std)
-
-
-def _per_channel(value: Union[Number, Sequence[Number]], t: torch.Tensor, norm: Normalize) -> torch.Tensor:
-    """``value`` broadcast over ``t``'s axis 1: channels of images, features of feature vectors."""
-    channels = t.shape[1]
-    values = list(value) if isinstance(value, (list, tuple)) else [value] * channels
-    if len(values) != channels:
-        kind = ("feature vectors", "feature") if t.ndim == 2 else ("images", "channel")
-        raise ConfigError(f"data.normalize = {list(norm)!r} does not fit the {kind[0]}: a per-{kind[1]} list "
-                          f"must have {channels} entries (one per {kind[1]}), got {len(values)}")
-    return torch.tensor(values, dtype=torch.float32).view(1, channels, *[1] * (t.ndim - 2))
+def materialize(src: Source, cfg: DataConfig) -> Dataset:
+    """The source's splits read whole and converted (see :func:`load_dataset`)."""
+    xs, ys = {}, {}
+    skipped: list[str] = []
+    for name, split in (("train", src.train), ("test", src.test)):
+        everything = np.arange(len(split))
+        if cfg.on_corrupt == "skip" and isinstance(split, ImageSplit):
+            bad: list[int] = []
+            raw = split.read(everything, bad)
+            skipped += [split.describe(i) for i in bad]
+            split = drop_corrupt(split, bad, name)
+            raw = np.delete(raw, bad, axis=0)
+        else:
+            raw = split.read(everything)
+        xs[name] = t = src.normalizer(raw)
+        check_finite(t, f"x_{name}", lambda j: f"sample {j}", f"{src.name} data at {cfg.root!r}")
+        ys[name] = torch.from_numpy(split.labels)
+    return Dataset(x_train=xs["train"], y_train=ys["train"], x_test=xs["test"], y_test=ys["test"],
+                   num_classes=src.num_classes, name=src.name, skipped=skipped)
 
 
 # ------------------------------------------------------------------------ torchvision
@@ -171,8 +368,8 @@ _TORCHVISION: dict[str, tuple[str, dict]] = {
 }
 
 
-def _load_torchvision(cfg: DataConfig) -> Arrays:
-    """Read a torchvision dataset's raw ``.data``/``.targets`` arrays (no per-item transforms)."""
+def _load_torchvision(cfg: DataConfig) -> tuple[Split, Split]:
+    """A torchvision dataset's raw ``.data``/``.targets`` arrays (no per-item transforms)."""
     from torchvision import datasets
 
     cls_name, kwargs = _TORCHVISION[cfg.source]
@@ -190,20 +387,62 @@ def _load_torchvision(cfg: DataConfig) -> Arrays:
                         "or copy torchvision's files there")
             raise DataError(f"{cfg.source} ({cls_name}) not found under data.root = {cfg.root!r}: "
                             f"{hint} ({e})") from e
-        x = np.asarray(ds.data)
-        x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # NHW (MNIST-like) or NHWC (CIFAR)
-        out += [x, np.asarray(ds.targets, dtype=np.int64)]
-    return out[0], out[1], out[2], out[3]
+        x = np.asarray(ds.data)  # NHW (MNIST-like) or NHWC (CIFAR)
+        out.append(ArraySplit(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2), np.asarray(ds.targets)))
+    return out[0], out[1]
 
 
-# ------------------------------------------------------------------------ npz
+# ------------------------------------------------------------------------ npz and npy
 
-def _load_npz(path: Path) -> Arrays:
-    """Read and check ``x_train, y_train, x_test, y_test`` from an ``.npz`` file."""
-    need = ("it must be an .npz file with arrays x_train (N,H,W), (N,H,W,C) or (N,C,H,W) images, or (N,D) "
-            "feature vectors, uint8 or float, y_train (N,) integer labels, and x_test, y_test likewise")
-    if not path.is_file():
-        raise DataError(f"npz file {str(path)!r} (data.root) not found: {need}")
+_NEED = ("arrays x_train (N,H,W), (N,H,W,C) or (N,C,H,W) images, or (N,D) feature vectors, uint8 or float, "
+         "y_train (N,) integer labels, and x_test, y_test likewise")
+
+
+def _open_arrays(path: Path, npy: bool) -> tuple[Split, Split]:
+    """``x_train, y_train, x_test, y_test`` from an ``.npz`` file (read whole) or from a directory
+    of ``.npy`` files (``npy``: the inputs memory-mapped, read on demand), checked."""
+    need = (f"it must be a directory of x_train.npy, y_train.npy, x_test.npy, y_test.npy: {_NEED}" if npy
+            else f"it must be an .npz file with {_NEED}")
+    kind = "npy directory" if npy else "npz file"
+    if not (path.is_dir() if npy else path.is_file()):
+        raise DataError(f"{kind} {str(path)!r} (data.root) not found: {need}")
+    if npy:
+        missing = [k for k in NPZ_KEYS if not (path / f"{k}.npy").is_file()]
+        if missing:
+            raise DataError(f"npy directory {str(path)!r} lacks {', '.join(k + '.npy' for k in missing)}: {need}")
+        try:  # inputs memory-mapped; labels read (they are small and partitioning needs them all)
+            arrays = {k: np.load(path / f"{k}.npy", mmap_mode="r" if k.startswith("x") else None,
+                                 allow_pickle=False) for k in NPZ_KEYS}
+        except _READ_ERRORS as e:
+            raise DataError(f"npy directory {str(path)!r} cannot be read ({e}): {need}") from e
+    else:
+        arrays = _read_npz(path, need)
+
+    def problem(msg: str) -> DataError:
+        return DataError(f"{kind} {str(path)!r}: {msg}; {need}")
+
+    splits = []
+    for split in SPLITS:
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        try:
+            _layout(x)
+        except ValueError as e:
+            raise problem(f"x_{split} {e}") from None
+        if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
+            raise problem(f"x_{split} has dtype {x.dtype}, expected uint8 or float")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise problem(f"y_{split} has shape {y.shape} and dtype {y.dtype}, expected 1-d integer labels")
+        if len(y) != len(x):
+            raise problem(f"x_{split} has {len(x)} samples but y_{split} has {len(y)} labels")
+        if len(y) and y.min() < 0:
+            raise problem(f"y_{split} holds negative labels")
+        splits.append(ArraySplit(x, y, lazy=npy))
+    if splits[0].dtype != splits[1].dtype:
+        raise problem(f"x_train is {splits[0].dtype} but x_test is {splits[1].dtype}")
+    return splits[0], splits[1]
+
+
+def _read_npz(path: Path, need: str) -> dict[str, np.ndarray]:
     try:
         f = np.load(path, allow_pickle=False)
     except _READ_ERRORS as e:
@@ -216,104 +455,62 @@ def _load_npz(path: Path) -> Arrays:
             raise DataError(f"npz file {str(path)!r} lacks {', '.join(missing)} (it has: "
                             f"{', '.join(f.files) or 'nothing'}): {need}")
         try:
-            arrays = {k: f[k] for k in NPZ_KEYS}
+            return {k: f[k] for k in NPZ_KEYS}
         except _READ_ERRORS as e:
             raise DataError(f"npz file {str(path)!r} cannot be read ({e}): {need}") from e
-
-    def problem(msg: str) -> DataError:
-        return DataError(f"npz file {str(path)!r}: {msg}; {need}")
-
-    for split in SPLITS:
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if x.ndim == 3:
-            x = x[:, None]
-        elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-            x = x.transpose(0, 3, 1, 2)  # channels last -> channels first
-        elif x.ndim not in (2, 4):  # 2: (N, D) feature vectors, kept as they are
-            raise problem(f"x_{split} has shape {x.shape}, expected 2 (feature vectors), 3 or 4 (images) dimensions")
-        if x.dtype != np.uint8 and not np.issubdtype(x.dtype, np.floating):
-            raise problem(f"x_{split} has dtype {x.dtype}, expected uint8 or float")
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise problem(f"y_{split} has shape {y.shape} and dtype {y.dtype}, expected 1-d integer labels")
-        if len(y) != len(x):
-            raise problem(f"x_{split} has {len(x)} samples but y_{split} has {len(y)} labels")
-        if len(y) and y.min() < 0:
-            raise problem(f"y_{split} holds negative labels")
-        arrays[f"x_{split}"] = x
-    if arrays["x_train"].dtype != arrays["x_test"].dtype:
-        raise problem(f"x_train is {arrays['x_train'].dtype} but x_test is {arrays['x_test'].dtype}")
-    return arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"]
 
 
 # ------------------------------------------------------------------------ image folder
 
-# An image found in the folder or zip: (class name, display name, key passed to the reader).
-_Item = tuple[str, str, object]
+_LAYOUT = "it must hold train/<class>/*.jpg|jpeg|png and test/<class>/* images"
 
 
-def _load_imagefolder(root: Path) -> Arrays:
-    """Decode ``train/<class>/*`` and ``test/<class>/*`` from a directory or a zip (not extracted)."""
+def _open_imagefolder(root: Path) -> tuple[Split, Split]:
+    """List ``train/<class>/*`` and ``test/<class>/*`` of a directory or a zip (not extracted),
+    sorted by (class, path); labels are the classes' sorted order. Nothing is decoded but the
+    first training image (for the input shape)."""
     if root.is_dir():
-        files = [(p.relative_to(root).parts, str(p), p)
-                 for split in SPLITS if (root / split).is_dir()
-                 for p in (root / split).rglob("*") if p.is_file()]
-        return _decode_splits(root, files, Path.read_bytes)
-    if root.is_file() and zipfile.is_zipfile(root):
+        folders = {(split, e.name) for split in SPLITS if (root / split).is_dir()
+                   for e in os.scandir(root / split) if e.is_dir()}
+        parts = [(split, cls, e.name) for split, cls in folders for e in os.scandir(root / split / cls) if e.is_file()]
+    elif root.is_file() and zipfile.is_zipfile(root):
         with zipfile.ZipFile(root) as zf:
-            files = [(tuple(i.filename.split("/")), f"{root}:{i.filename}", i)
-                     for i in zf.infolist() if not i.is_dir()]
-            return _decode_splits(root, files, zf.read)
-    raise DataError(f"image folder {str(root)!r} (data.root) not found or not a directory/.zip file: it must "
-                    "hold train/<class>/*.jpg|jpeg|png and test/<class>/* images")
-
-
-def _decode_splits(root: Path, files: list[tuple[tuple[str, ...], str, object]],
-                   read: Callable[[object], bytes]) -> Arrays:
-    items: dict[str, list[_Item]] = {s: [] for s in SPLITS}
-    for parts, name, key in files:
-        if len(parts) == 3 and parts[0] in items and parts[2].lower().endswith(IMAGE_SUFFIXES):
-            items[parts[0]].append((parts[1], name, key))
-    for split, found in items.items():
-        if not found:
-            raise DataError(f"image folder {str(root)!r}: no images under {split}/<class>/; it must hold "
-                            "train/<class>/*.jpg|jpeg|png and test/<class>/* images")
-        found.sort(key=lambda it: (it[0], it[1]))
-    classes = sorted({cls for cls, _, _ in items["train"]})
+            members = zf.namelist()
+        parts = [tuple(m.split("/")) for m in members if not m.endswith("/")]
+        dirs = [tuple(m.rstrip("/").split("/")) for m in members if m.endswith("/")]
+        folders = ({p[:2] for p in parts if p[0] in SPLITS and len(p) >= 3}
+                   | {p[:2] for p in dirs if p[0] in SPLITS and len(p) >= 2})
+    else:
+        raise DataError(f"image folder {str(root)!r} (data.root) not found or not a directory/.zip file: {_LAYOUT}")
+    found: dict[str, list[tuple[str, str]]] = {s: [] for s in SPLITS}
+    for p in parts:
+        if len(p) == 3 and p[0] in found and p[2].lower().endswith(IMAGE_SUFFIXES):
+            found[p[0]].append((p[1], "/".join(p)))
+    for split, items in found.items():
+        if not items:
+            raise DataError(f"image folder {str(root)!r}: no images under {split}/<class>/; {_LAYOUT}")
+    empty = sorted(f"{s}/{c}" for s, c in folders if not any(cls == c for cls, _ in found[s]))
+    if empty:
+        raise DataError(f"image folder {str(root)!r}: class folder(s) {', '.join(empty)} hold no .jpg, .jpeg or "
+                        ".png image; add images or remove the folder(s)")
+    classes = sorted({cls for cls, _ in found["train"]})
     index = {cls: i for i, cls in enumerate(classes)}
-    unknown = sorted({cls for cls, _, _ in items["test"]} - set(classes))
+    unknown = sorted({cls for cls, _ in found["test"]} - set(classes))
     if unknown:
         raise DataError(f"image folder {str(root)!r}: test classes {unknown} have no train/ folder")
-    out = []
+    splits, shape = [], None
     for split in SPLITS:
-        out += [_decode_images(items[split], read),
-                np.array([index[cls] for cls, _, _ in items[split]], dtype=np.int64)]
-    return out[0], out[1], out[2], out[3]
-
-
-def _decode_images(items: list[_Item], read: Callable[[object], bytes]) -> np.ndarray:
-    """Decode images to RGB into one preallocated uint8 (N, 3, H, W) array; all must share a size."""
-    from PIL import Image
-
-    out: Optional[np.ndarray] = None
-    for i, (_, name, key) in enumerate(items):
-        try:
-            with Image.open(io.BytesIO(read(key))) as im:
-                pixels = np.asarray(im.convert("RGB"))
-        except _READ_ERRORS as e:
-            raise DataError(f"cannot decode image {name}: {e}") from e
-        if out is None:
-            out = np.empty((len(items), *pixels.shape), dtype=np.uint8)
-        elif pixels.shape != out.shape[1:]:
-            raise DataError(f"image {name} is {pixels.shape[1]}x{pixels.shape[0]} but the first image is "
-                            f"{out.shape[2]}x{out.shape[1]}; all images must share one size")
-        out[i] = pixels
-    assert out is not None
-    return out.transpose(0, 3, 1, 2)
+        items = sorted(found[split])
+        names = np.array([n for _, n in items])
+        labels = np.array([index[cls] for cls, _ in items], dtype=np.int64)
+        splits.append(ImageSplit(root, names, labels, shape))
+        shape = splits[0].input_shape
+    return splits[0], splits[1]
 
 
 # ------------------------------------------------------------------------ digits
 
-def _load_digits() -> Arrays:
+def _load_digits() -> tuple[Split, Split]:
     """scikit-learn's 8x8 digits / 16, split by a fixed permutation: the last 300 are the test set."""
     try:
         from sklearn.datasets import load_digits
@@ -326,4 +523,4 @@ def _load_digits() -> Arrays:
     y = digits.target.astype(np.int64)
     perm = np.random.default_rng(0).permutation(len(y))
     train, test = perm[:-300], perm[-300:]
-    return x[train], y[train], x[test], y[test]
+    return ArraySplit(x[train], y[train]), ArraySplit(x[test], y[test])

@@ -1,0 +1,231 @@
+"""Where the training set lives while a run trains (``data.storage``), behind one interface.
+
+The executors ask for batches by dataset index (``gather``) and evaluation walks each rank's
+slice of the test and validation sets (``eval_batches``). Two implementations:
+
+- :class:`InMemory` (``memory``): the whole decoded set on the rank's device; a batch is one
+  gather. Fastest while the data fits.
+- :class:`Streamed` (``stream``): nothing decoded up front. A rank's reads are a pure function
+  of (seed, round, client) (see :mod:`dist_gradalign.executor`), so the trainer hands over a
+  ``plan(rnd)``: the batches of round ``rnd`` on this rank, in the order the executor gathers
+  them. A :class:`torch.utils.data.DataLoader` with ``data.workers`` processes reads that plan,
+  rounds ahead, into pinned memory (on CUDA); ``gather`` takes the next prefetched batch and
+  copies it with ``non_blocking``. A batch that is not the planned one (a plan out of step
+  with the executor) is read directly instead and counted in ``misses``: slower, never
+  different. A rank reads only its own clients' samples of each round, and its slices of the
+  test and validation sets.
+
+Both modes decode and convert with the same :class:`~dist_gradalign.data.sources.Normalizer`
+and augment after the gather, so they give bitwise the same inputs and the same run.
+"""
+from __future__ import annotations
+
+import os
+from collections import deque
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import STREAMING_SOURCES, DataConfig
+from .sources import DataError, Dataset, ImageSplit, Normalizer, Source, Split, check_finite
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def choose_storage(cfg: DataConfig, src: Source, ranks_per_node: int, device: torch.device,
+                   element_size: int) -> dict:
+    """Resolve ``data.storage`` (``auto``: stream when the decoded data, times the ranks of a
+    node, exceeds the budget: ``data.memory_budget_gb``, or half of the node's available memory;
+    on a GPU also half of its free memory). Returns the record written to ``data.json``."""
+    decoded = (len(src.train) + len(src.test)) * int(np.prod(src.train.input_shape)) * element_size
+    if cfg.memory_budget_gb is not None:
+        budget, of = int(cfg.memory_budget_gb * 2**30), "data.memory_budget_gb"
+    else:
+        budget, of = _available_memory() // 2, "half of the available memory"
+    need, where = decoded * ranks_per_node, f"{ranks_per_node} rank(s) of this node"
+    if device.type == "cuda" and cfg.memory_budget_gb is None:
+        gpu = torch.cuda.mem_get_info(device)[0] // 2
+        if gpu < budget // ranks_per_node:
+            budget, of, need, where = gpu, "half of the GPU's free memory", decoded, "this rank's GPU"
+    mode, reason = cfg.storage, "data.storage"
+    if mode == "auto":
+        fits = need <= budget
+        if not fits and src.name not in STREAMING_SOURCES:
+            mode, reason = "memory", f"{src.name} cannot stream (only {', '.join(STREAMING_SOURCES)} do)"
+        else:
+            mode = "memory" if fits else "stream"
+            reason = f"decoded data for {where} {_size(need)} {'<=' if fits else '>'} {_size(budget)} ({of})"
+    return {"storage": mode, "requested": cfg.storage, "reason": reason, "decoded_bytes_per_rank": decoded,
+            "budget_bytes": budget, "workers": cfg.workers if mode == "stream" else 0}
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} B"
+
+
+def _available_memory() -> int:
+    """MemAvailable of /proc/meminfo (bytes), or the physical memory where that is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class InMemory:
+    """The decoded data on the device: ``gather`` is an index, evaluation slices tensors."""
+
+    def __init__(self, ds: Dataset, val: np.ndarray, rank: int, world: int, device: torch.device,
+                 dtype: torch.dtype):
+        self.x, self.y = ds.x_train.to(device, dtype), ds.y_train.to(device)
+        v = torch.as_tensor(val[rank::world], dtype=torch.long)
+        self.eval_sets = {"test": (ds.x_test[rank::world].to(device, dtype), ds.y_test[rank::world].to(device)),
+                          "val": (ds.x_train[v].to(device, dtype), ds.y_train[v].to(device))}
+        self.misses = 0
+
+    def start_round(self, rnd: int) -> None:
+        pass
+
+    def gather(self, idx: torch.Tensor) -> Batch:
+        """Inputs ``(*idx.shape, *input_shape)`` and labels ``idx.shape`` of dataset indices ``idx``."""
+        i = idx.to(self.x.device)
+        return self.x[i], self.y[i]
+
+    def eval_batches(self, which: str, batch: int) -> Iterator[Batch]:
+        x, y = self.eval_sets[which]
+        for start in range(0, len(y), batch):
+            yield x[start:start + batch], y[start:start + batch]
+
+    def close(self) -> None:
+        pass
+
+
+class _Failed:
+    """A worker's DataError, re-raised in the training process without the worker's traceback."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class BatchReader(torch.utils.data.Dataset):
+    """Reads and converts one batch of a split per item: the item is the batch's indices."""
+
+    def __init__(self, split: Split, normalizer: Normalizer, name: str):
+        self.split, self.normalizer, self.name = split, normalizer, name
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, idx: torch.Tensor):
+        flat = idx.reshape(-1).numpy()
+        try:
+            x = self.normalizer(self.split.read(flat))
+            check_finite(x, f"x_{self.name}", lambda j: self.split.describe(int(flat[j])), "streamed data")
+        except DataError as e:
+            return _Failed(str(e))
+        return x.view(*idx.shape, *x.shape[1:]), torch.from_numpy(self.split.labels[flat]).view(idx.shape)
+
+
+def _as_is(item):
+    return item
+
+
+def find_corrupt(split: ImageSplit, idx: np.ndarray, workers: int, chunk: int = 256) -> list[int]:
+    """The undecodable images among ``idx``, each decoded once by ``workers`` processes."""
+    chunks = [torch.from_numpy(idx[s:s + chunk]) for s in range(0, len(idx), chunk)]
+    loader = DataLoader(_CorruptScan(split), sampler=chunks, batch_size=None, num_workers=workers,
+                        collate_fn=_as_is)
+    return [i for bad in loader for i in bad]
+
+
+class _CorruptScan(torch.utils.data.Dataset):
+    def __init__(self, split: ImageSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, idx: torch.Tensor) -> list[int]:
+        return self.split.corrupt(idx.numpy())
+
+
+class _Plan:
+    """The DataLoader's sampler: round ``first`` onwards, each round's planned batches in order.
+    Runs in the training process; ``expected`` keeps what it handed out, in order."""
+
+    def __init__(self, plan: Callable[[int], list[torch.Tensor]], last_round: int):
+        self.plan, self.last_round, self.first = plan, last_round, 1
+        self.expected: deque[torch.Tensor] = deque()
+
+    def __iter__(self):
+        for rnd in range(self.first, self.last_round + 1):
+            for idx in self.plan(rnd):
+                self.expected.append(idx)
+                yield idx
+
+
+class Streamed:
+    """Batches read from disk when needed, prefetched by DataLoader workers from the plan."""
+
+    def __init__(self, src: Source, val: np.ndarray, rank: int, world: int, device: torch.device,
+                 dtype: torch.dtype, cfg: DataConfig, plan: Callable[[int], list[torch.Tensor]], last_round: int):
+        self.device, self.dtype, self.workers = device, dtype, cfg.workers
+        self.readers = {"train": BatchReader(src.train, src.normalizer, "train"),
+                        "test": BatchReader(src.test, src.normalizer, "test")}
+        self.eval_idx = {"test": ("test", np.arange(rank, len(src.test), world)),
+                         "val": ("train", np.asarray(val[rank::world]))}
+        self.pin = device.type == "cuda"
+        self.plan = _Plan(plan, last_round)
+        self.loader = DataLoader(self.readers["train"], sampler=self.plan, batch_size=None,
+                                 num_workers=cfg.workers, prefetch_factor=cfg.prefetch if cfg.workers else None,
+                                 pin_memory=self.pin, collate_fn=_as_is)
+        self.it: Optional[Iterator] = None
+        self.next_round = 0
+        self.misses = 0  # batches read directly because the plan was out of step
+
+    def start_round(self, rnd: int) -> None:
+        """Continue the plan if it is at ``rnd``; otherwise (first round, resume, a miss) restart it there."""
+        if self.it is None or rnd != self.next_round:
+            self.it = None  # the old workers stop
+            self.plan.first = rnd
+            self.plan.expected.clear()
+            self.it = iter(self.loader)
+        self.next_round = rnd + 1
+
+    def gather(self, idx: torch.Tensor) -> Batch:
+        if self.it is not None:
+            try:
+                out = next(self.it)
+                want = self.plan.expected.popleft()
+            except StopIteration:
+                out = want = None
+            if want is not None and torch.equal(want, idx):
+                return self._to_device(out)
+            self.it = None  # out of step: read directly until the next round restarts the plan
+        self.misses += 1
+        return self._to_device(self.readers["train"][idx])
+
+    def _to_device(self, out) -> Batch:
+        if isinstance(out, _Failed):
+            raise DataError(out.message)
+        x, y = out
+        return x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def eval_batches(self, which: str, batch: int) -> Iterator[Batch]:
+        split, idx = self.eval_idx[which]
+        chunks = [torch.from_numpy(idx[s:s + batch]) for s in range(0, len(idx), batch)]
+        loader = DataLoader(self.readers[split], sampler=chunks, batch_size=None, num_workers=self.workers,
+                            pin_memory=self.pin, collate_fn=_as_is)
+        for out in loader:
+            yield self._to_device(out)
+
+    def close(self) -> None:
+        self.it = None

@@ -194,3 +194,21 @@ def test_wrong_size_image_in_stream_mode_is_named(tmp_path):
     Image.new("RGB", (12, 10)).save(odd)
     with pytest.raises(DataError, match=f"image {odd} is 12x10 but the first image is 10x10"):
         fit(cfg_for(tmp_path, root, "fedavg", "stream"))
+
+
+def test_convert_to_npy_then_stream_equals_the_folder(tmp_path, folder):
+    out = tmp_path / "npy"
+    proc = subprocess.run([sys.executable, "-m", "dist_gradalign.data.convert", "--source", "imagefolder",
+                           "--root", str(folder), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"data.source=npy data.root={out}" in proc.stdout
+    x = np.load(out / "x_train.npy", mmap_mode="r")
+    assert x.dtype == np.uint8 and x.shape == (96, 3, 10, 10)
+    images = fit(cfg_for(tmp_path / "folder", folder, "fedavg", "memory"))
+    cfg = cfg_for(tmp_path / "arrays", out, "fedavg", "stream", source="npy")
+    cfg.data.augment = "crop_flip"  # uint8 image arrays augment as the folder's images do
+    arrays = fit(cfg)
+    fault_scenarios.assert_same_run(images.cfg.run_dir, arrays.cfg.run_dir)
+    proc = subprocess.run([sys.executable, "-m", "dist_gradalign.data.convert", "--source", "npz",
+                           "--root", str(tmp_path / "none.npz"), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "none.npz" in proc.stderr and "Traceback" not in proc.stderr

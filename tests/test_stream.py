@@ -212,3 +212,12 @@ def test_convert_to_npy_then_stream_equals_the_folder(tmp_path, folder):
     proc = subprocess.run([sys.executable, "-m", "dist_gradalign.data.convert", "--source", "npz",
                            "--root", str(tmp_path / "none.npz"), "--out", str(out)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "none.npz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_memory_that_cannot_fit_is_refused_before_decoding(tmp_path, folder):
+    cfg = cfg_for(tmp_path, folder, "fedavg", "memory")
+    cfg.data.memory_budget_gb = 1e-4
+    with pytest.raises(DataError, match=r"data.storage = memory would hold 141 KiB of decoded imagefolder data for "
+                                        r"1 rank\(s\) of this node, more than 105 KiB \(data.memory_budget_gb\): "
+                                        r"set data.storage=stream"):
+        Trainer(cfg)

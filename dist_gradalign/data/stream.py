@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -36,27 +37,39 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 def choose_storage(cfg: DataConfig, src: Source, ranks_per_node: int, device: torch.device,
                    element_size: int) -> dict:
-    """Resolve ``data.storage`` (``auto``: stream when the decoded data, times the ranks of a
-    node, exceeds the budget: ``data.memory_budget_gb``, or half of the node's available memory;
-    on a GPU also half of its free memory). Returns the record written to ``data.json``."""
+    """Resolve ``data.storage`` and return the record written to ``data.json``.
+
+    The decoded data (float inputs of both splits) is held once per rank: ``ranks_per_node``
+    times on a node's host memory, or once on each rank's GPU. ``auto`` streams when that
+    exceeds the budget: ``data.memory_budget_gb``, or else half of the available memory
+    (MemAvailable, and the headroom under this process's cgroup memory limit; on a GPU, its
+    free memory). ``memory`` that cannot fit at all (more than the budget, or all the available
+    memory) is a :class:`DataError` before anything is decoded, not an out-of-memory kill."""
     decoded = (len(src.train) + len(src.test)) * int(np.prod(src.train.input_shape)) * element_size
-    if cfg.memory_budget_gb is not None:
-        budget, of = int(cfg.memory_budget_gb * 2**30), "data.memory_budget_gb"
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        need, where, of = decoded, "this rank's GPU", "the GPU's free memory"
     else:
-        budget, of = _available_memory() // 2, "half of the available memory"
-    need, where = decoded * ranks_per_node, f"{ranks_per_node} rank(s) of this node"
-    if device.type == "cuda" and cfg.memory_budget_gb is None:
-        gpu = torch.cuda.mem_get_info(device)[0] // 2
-        if gpu < budget // ranks_per_node:
-            budget, of, need, where = gpu, "half of the GPU's free memory", decoded, "this rank's GPU"
+        free, cgroup = _available_memory()
+        need, where = decoded * ranks_per_node, f"{ranks_per_node} rank(s) of this node"
+        of = "the available memory" + (" under the cgroup limit" if cgroup else "")
+    if cfg.memory_budget_gb is not None:
+        budget, limit, of = int(cfg.memory_budget_gb * 2**30), int(cfg.memory_budget_gb * 2**30), "data.memory_budget_gb"
+    else:
+        budget, limit, of = free // 2, free, f"half of {of}"
+    fits = need <= budget
     mode, reason = cfg.storage, "data.storage"
     if mode == "auto":
-        fits = need <= budget
         if not fits and src.name not in STREAMING_SOURCES:
             mode, reason = "memory", f"{src.name} cannot stream (only {', '.join(STREAMING_SOURCES)} do)"
         else:
             mode = "memory" if fits else "stream"
             reason = f"decoded data for {where} {_size(need)} {'<=' if fits else '>'} {_size(budget)} ({of})"
+    if mode == "memory" and need > limit:
+        hint = ("set data.storage=stream (or auto)" if src.name in STREAMING_SOURCES else
+                "convert it for streaming (python -m dist_gradalign.data.convert) and set data.storage=stream")
+        raise DataError(f"data.storage = memory would hold {_size(need)} of decoded {src.name} data for {where}, "
+                        f"more than {_size(limit)} ({of.replace('half of ', '')}): {hint}, or use fewer ranks per node")
     return {"storage": mode, "requested": cfg.storage, "reason": reason, "decoded_bytes_per_rank": decoded,
             "budget_bytes": budget, "workers": cfg.workers if mode == "stream" else 0}
 
@@ -68,16 +81,47 @@ def _size(n: int) -> str:
     return f"{n} B"
 
 
-def _available_memory() -> int:
-    """MemAvailable of /proc/meminfo (bytes), or the physical memory where that is missing."""
+def _available_memory() -> tuple[int, bool]:
+    """Bytes this process may still allocate: MemAvailable of /proc/meminfo, or less when its
+    memory cgroup (v1 or v2) has a limit (the limit minus the group's anonymous memory: its
+    page cache is reclaimable). Also: whether the cgroup was the tighter bound."""
+    avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    headroom = _cgroup_headroom()
+    return (headroom, True) if headroom is not None and headroom < avail else (avail, False)
+
+
+def _cgroup_headroom() -> Optional[int]:
+    """min over this process's memory cgroup and its ancestors of (limit - anonymous memory)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):  # v1
+            base, files = Path("/sys/fs/cgroup/memory"), ("memory.limit_in_bytes", "total_rss")
+        elif controllers == "" and Path("/sys/fs/cgroup/cgroup.controllers").exists():  # v2
+            base, files = Path("/sys/fs/cgroup"), ("memory.max", "anon")
+        else:
+            continue
+        parts = Path(path).parts[1:]
+        for depth in range(len(parts) + 1):
+            d = base.joinpath(*parts[:depth])
+            try:
+                raw = (d / files[0]).read_text().strip()
+                stat = dict(l.split() for l in (d / "memory.stat").read_text().splitlines())
+            except (OSError, ValueError):
+                continue
+            if raw != "max" and int(raw) < 2**62:
+                room = int(raw) - int(stat.get(files[1], 0))
+                best = room if best is None else min(best, room)
+    return best
 
 
 class InMemory:

@@ -125,28 +125,47 @@ class Split:
         return len(self) * int(np.prod(self.input_shape)) * 4
 
 
-def _layout(x: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-    """How to bring a batch of ``x`` to (B, C, H, W) images or (B, D) vectors; raises ValueError."""
+def _layout(x: np.ndarray) -> str:
+    """How a batch of ``x`` becomes (B, C, H, W) images or (B, D) vectors (see :func:`_apply_layout`);
+    raises ValueError for other shapes."""
     if x.ndim == 3:
-        return lambda b: b[:, None]
+        return "add_channel"
     if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-        return lambda b: b.transpose(0, 3, 1, 2)  # channels last -> channels first
+        return "channels_last"
     if x.ndim in (2, 4):
-        return lambda b: b
+        return "as_is"
     raise ValueError(f"has shape {x.shape}, expected 2 (feature vectors), 3 or 4 (images) dimensions")
 
 
+def _apply_layout(layout: str, batch: np.ndarray) -> np.ndarray:
+    if layout == "add_channel":
+        return batch[:, None]
+    return batch.transpose(0, 3, 1, 2) if layout == "channels_last" else batch
+
+
 class ArraySplit(Split):
-    """Inputs in an array: in memory, or a read-only memory map of an ``.npy`` file (``lazy``)."""
+    """Inputs in an array: in memory, or a read-only memory map of an ``.npy`` file (``lazy``;
+    a DataLoader worker reopens the file rather than receiving a copy)."""
 
     def __init__(self, x: np.ndarray, labels: np.ndarray, lazy: bool = False):
         self.x, self.labels, self.lazy = x, np.ascontiguousarray(labels, dtype=np.int64), lazy
-        self._layout = _layout(x)
-        self.input_shape = tuple(self._layout(x[:0]).shape[1:])
+        self.layout = _layout(x)
+        self.input_shape = tuple(_apply_layout(self.layout, x[:0]).shape[1:])
         self.dtype = x.dtype
 
+    def __getstate__(self) -> dict:
+        if isinstance(self.x, np.memmap):
+            return {**self.__dict__, "x": None, "path": self.x.filename}
+        return self.__dict__
+
+    def __setstate__(self, state: dict) -> None:
+        path = state.pop("path", None)
+        self.__dict__.update(state)
+        if path is not None:
+            self.x = np.load(path, mmap_mode="r", allow_pickle=False)
+
     def read(self, idx: np.ndarray) -> np.ndarray:
-        return self._layout(np.asarray(self.x[np.asarray(idx)]))
+        return _apply_layout(self.layout, np.asarray(self.x[np.asarray(idx)]))
 
     def subset(self, keep: np.ndarray) -> "ArraySplit":
         return ArraySplit(self.x[keep], self.labels[keep], self.lazy)
@@ -155,8 +174,8 @@ class ArraySplit(Split):
 class ImageSplit(Split):
     """Images decoded one by one from files in a directory or members of a zip (never extracted).
 
-    ``names`` are the images' paths relative to ``root``, as a compact numpy string array
-    (the only per-image memory besides the labels). Every image must be ``input_shape``."""
+    ``names`` are the images' paths relative to ``root``, as a numpy bytes array (one byte per
+    character: with the labels, the only per-image memory). Every image must be ``input_shape``."""
 
     lazy = True
     dtype = np.dtype(np.uint8)
@@ -171,14 +190,17 @@ class ImageSplit(Split):
         return {**self.__dict__, "_zip": None}
 
     def describe(self, i: int) -> str:
-        return f"{self.root}{':' if self.is_zip else '/'}{self.names[i]}"
+        return f"{self.root}{':' if self.is_zip else '/'}{self._name(i)}"
+
+    def _name(self, i: int) -> str:
+        return self.names[i].decode("utf-8", "surrogateescape")
 
     def _bytes(self, i: int) -> bytes:
         if not self.is_zip:
-            return (self.root / str(self.names[i])).read_bytes()
+            return (self.root / self._name(i)).read_bytes()
         if self._zip is None or self._zip[0] != os.getpid():
             self._zip = (os.getpid(), zipfile.ZipFile(self.root))
-        return self._zip[1].read(str(self.names[i]))
+        return self._zip[1].read(self._name(i))
 
     def _pixels(self, i: int) -> np.ndarray:
         """Image ``i`` as RGB (H, W, 3) uint8; a DataError that names the file if it cannot be."""
@@ -265,13 +287,24 @@ def _per_channel(value: Union[Number, Sequence[Number]], input_shape: tuple[int,
 
 def check_finite(x: torch.Tensor, what: str, describe: Callable[[int], str], where: str) -> None:
     """A DataError naming the first non-finite sample of ``x`` (``describe(j)`` names row j)."""
+    found = _first_nonfinite(x)
+    if found:
+        j, kind, count = found
+        raise _nonfinite_error(what, count, len(x), describe(j), kind, where)
+
+
+def _first_nonfinite(x: torch.Tensor) -> Optional[tuple[int, str, int]]:
+    """(first bad row, "NaN" or "inf", how many bad rows), or None when every value is finite."""
     bad = ~torch.isfinite(x.flatten(1)).all(1)
-    if bad.any():
-        j = int(bad.nonzero()[0])
-        kind = "NaN" if torch.isnan(x[j]).any() else "inf"
-        raise DataError(f"{where}: {what} holds non-finite values ({int(bad.sum())} of {len(x)} samples; the "
-                        f"first is {describe(j)}, with {kind}); remove or repair those samples (training on "
-                        "them would only diverge)")
+    if not bad.any():
+        return None
+    j = int(bad.nonzero()[0])
+    return j, "NaN" if torch.isnan(x[j]).any() else "inf", int(bad.sum())
+
+
+def _nonfinite_error(what: str, count: int, total: int, first: str, kind: str, where: str) -> DataError:
+    return DataError(f"{where}: {what} holds non-finite values ({count} of {total} samples; the first is "
+                     f"{first}, with {kind}); remove or repair those samples (training on them would only diverge)")
 
 
 def open_source(cfg: DataConfig) -> Source:
@@ -336,22 +369,36 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return materialize(src, cfg)
 
 
-def materialize(src: Source, cfg: DataConfig) -> Dataset:
-    """The source's splits read whole and converted (see :func:`load_dataset`)."""
+def materialize(src: Source, cfg: DataConfig, chunk: int = 8192) -> Dataset:
+    """The source's splits read whole and converted (see :func:`load_dataset`), chunk by chunk
+    into one preallocated tensor: the peak is the float data plus one chunk."""
     xs, ys = {}, {}
     skipped: list[str] = []
+    where = f"{src.name} data at {cfg.root!r}"
     for name, split in (("train", src.train), ("test", src.test)):
-        everything = np.arange(len(split))
-        if cfg.on_corrupt == "skip" and isinstance(split, ImageSplit):
-            bad: list[int] = []
-            raw = split.read(everything, bad)
-            skipped += [split.describe(i) for i in bad]
-            split = drop_corrupt(split, bad, name)
-            raw = np.delete(raw, bad, axis=0)
-        else:
-            raw = split.read(everything)
-        xs[name] = t = src.normalizer(raw)
-        check_finite(t, f"x_{name}", lambda j: f"sample {j}", f"{src.name} data at {cfg.root!r}")
+        skip = cfg.on_corrupt == "skip" and isinstance(split, ImageSplit)
+        out = torch.empty((len(split), *split.input_shape), dtype=torch.float32)
+        bad, written, n_bad, first = [], 0, 0, None
+        for start in range(0, len(split), chunk):
+            idx = np.arange(start, min(start + chunk, len(split)))
+            if skip:
+                lost: list[int] = []
+                raw = split.read(idx, lost)
+                bad += [int(idx[j]) for j in lost]
+                raw = np.delete(raw, lost, axis=0)
+            else:
+                raw = split.read(idx)
+            t = out[written:written + len(raw)] = src.normalizer(raw)
+            found = _first_nonfinite(t)
+            if found:
+                n_bad += found[2]
+                first = first or (written + found[0], found[1])
+            written += len(raw)
+        if n_bad:
+            raise _nonfinite_error(f"x_{name}", n_bad, written, f"sample {first[0]}", first[1], where)
+        skipped += [split.describe(i) for i in bad]
+        split = drop_corrupt(split, bad, name)
+        xs[name] = out[:written]
         ys[name] = torch.from_numpy(split.labels)
     return Dataset(x_train=xs["train"], y_train=ys["train"], x_test=xs["test"], y_test=ys["test"],
                    num_classes=src.num_classes, name=src.name, skipped=skipped)
@@ -501,7 +548,7 @@ def _open_imagefolder(root: Path) -> tuple[Split, Split]:
     splits, shape = [], None
     for split in SPLITS:
         items = sorted(found[split])
-        names = np.array([n for _, n in items])
+        names = np.array([n.encode("utf-8", "surrogateescape") for _, n in items], dtype=np.bytes_)
         labels = np.array([index[cls] for cls, _ in items], dtype=np.int64)
         splits.append(ImageSplit(root, names, labels, shape))
         shape = splits[0].input_shape

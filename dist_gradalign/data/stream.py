@@ -20,6 +20,7 @@ and augment after the gather, so they give bitwise the same inputs and the same 
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections import deque
 from pathlib import Path
@@ -182,12 +183,25 @@ def _as_is(item):
     return item
 
 
+def _loader(dataset, sampler, workers: int, prefetch: Optional[int] = None, pin: bool = False,
+            persistent: bool = False) -> DataLoader:
+    """A DataLoader of pre-batched items. Workers start from a forkserver, never by forking the
+    training process: a fork while another thread of it holds CPython's thread-state lock
+    deadlocks the child (seen under load with gloo ranks on Python 3.11), and the forkserver is
+    single-threaded. It imports torch and this package once; each worker is then a cheap fork."""
+    context = None
+    if workers:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", __name__])
+    return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                      prefetch_factor=prefetch if workers else None, pin_memory=pin,
+                      persistent_workers=persistent and workers > 0, multiprocessing_context=context)
+
+
 def find_corrupt(split: ImageSplit, idx: np.ndarray, workers: int, chunk: int = 256) -> list[int]:
     """The undecodable images among ``idx``, each decoded once by ``workers`` processes."""
     chunks = [torch.from_numpy(idx[s:s + chunk]) for s in range(0, len(idx), chunk)]
-    loader = DataLoader(_CorruptScan(split), sampler=chunks, batch_size=None, num_workers=workers,
-                        collate_fn=_as_is)
-    return [i for bad in loader for i in bad]
+    return [i for bad in _loader(_CorruptScan(split), chunks, workers) for i in bad]
 
 
 class _CorruptScan(torch.utils.data.Dataset):
@@ -216,21 +230,49 @@ class _Plan:
                 yield idx
 
 
+class _Items:
+    """A sampler over a list that can be replaced between iterations (persistent workers)."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+
+class _EvalReader(torch.utils.data.Dataset):
+    """Items ``(split, indices)``: one loader serves the test and the validation slices."""
+
+    def __init__(self, readers: dict[str, BatchReader]):
+        self.readers = readers
+
+    def __len__(self) -> int:
+        return sum(map(len, self.readers.values()))
+
+    def __getitem__(self, item):
+        split, idx = item
+        return self.readers[split][idx]
+
+
 class Streamed:
-    """Batches read from disk when needed, prefetched by DataLoader workers from the plan."""
+    """Batches read from disk when needed, prefetched by DataLoader workers from the plan.
+
+    Two loaders per rank with persistent workers (``data.workers`` each): the training plan,
+    and evaluation. A restart of the plan (first round, resume, a miss) reuses the workers."""
 
     def __init__(self, src: Source, val: np.ndarray, rank: int, world: int, device: torch.device,
                  dtype: torch.dtype, cfg: DataConfig, plan: Callable[[int], list[torch.Tensor]], last_round: int):
-        self.device, self.dtype, self.workers = device, dtype, cfg.workers
+        self.device, self.dtype = device, dtype
         self.readers = {"train": BatchReader(src.train, src.normalizer, "train"),
                         "test": BatchReader(src.test, src.normalizer, "test")}
         self.eval_idx = {"test": ("test", np.arange(rank, len(src.test), world)),
                          "val": ("train", np.asarray(val[rank::world]))}
-        self.pin = device.type == "cuda"
+        pin = device.type == "cuda"
         self.plan = _Plan(plan, last_round)
-        self.loader = DataLoader(self.readers["train"], sampler=self.plan, batch_size=None,
-                                 num_workers=cfg.workers, prefetch_factor=cfg.prefetch if cfg.workers else None,
-                                 pin_memory=self.pin, collate_fn=_as_is)
+        self.loader = _loader(self.readers["train"], self.plan, cfg.workers, cfg.prefetch, pin, persistent=True)
+        self.eval_items = _Items()
+        self.eval_loader = _loader(_EvalReader(self.readers), self.eval_items, cfg.workers, cfg.prefetch, pin,
+                                   persistent=True)
         self.it: Optional[Iterator] = None
         self.next_round = 0
         self.misses = 0  # batches read directly because the plan was out of step
@@ -238,10 +280,9 @@ class Streamed:
     def start_round(self, rnd: int) -> None:
         """Continue the plan if it is at ``rnd``; otherwise (first round, resume, a miss) restart it there."""
         if self.it is None or rnd != self.next_round:
-            self.it = None  # the old workers stop
             self.plan.first = rnd
             self.plan.expected.clear()
-            self.it = iter(self.loader)
+            self.it = iter(self.loader)  # with persistent workers: the same workers, the plan from rnd
         self.next_round = rnd + 1
 
     def gather(self, idx: torch.Tensor) -> Batch:
@@ -265,11 +306,10 @@ class Streamed:
 
     def eval_batches(self, which: str, batch: int) -> Iterator[Batch]:
         split, idx = self.eval_idx[which]
-        chunks = [torch.from_numpy(idx[s:s + batch]) for s in range(0, len(idx), batch)]
-        loader = DataLoader(self.readers[split], sampler=chunks, batch_size=None, num_workers=self.workers,
-                            pin_memory=self.pin, collate_fn=_as_is)
-        for out in loader:
+        self.eval_items.items = [(split, torch.from_numpy(idx[s:s + batch])) for s in range(0, len(idx), batch)]
+        for out in self.eval_loader:
             yield self._to_device(out)
 
     def close(self) -> None:
-        self.it = None
+        """Stop the workers: they live as long as their loaders, which are dropped here."""
+        self.it = self.loader = self.eval_loader = None

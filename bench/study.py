@@ -334,17 +334,28 @@ def search(setting: Setting, method: Method) -> tuple[list[tuple], dict, tuple |
             return [], scores, best
 
 
+def ties(scores: dict, best: tuple) -> list[tuple]:
+    """The other tuned points within TOL of the best score: the tie rule could have chosen them."""
+    done = {pt: np.mean(sc) for pt, sc in scores.items() if None not in sc}
+    top = max(done.values())
+    return sorted(pt for pt, v in done.items() if v >= top - TOL and pt != best)
+
+
 def plan(setting: Setting) -> tuple[list[Spec], dict]:
     """Every run the study needs now (tuning runs of unfinished searches, reporting runs of
-    finished ones), and the chosen points so far."""
+    finished ones), and the chosen points so far. The baseline is also reported at its tied
+    points (see :func:`ties`): a sensitivity check, so that the tie rule cannot favour a method."""
     specs, chosen = [], {}
     for m in setting.methods:
-        todo, _, best = search(setting, m)
+        todo, scores, best = search(setting, m)
         specs += [Spec(setting.name, m, pt, s, setting.rounds) for pt in todo for s in TUNE_SEEDS]
         if best is not None:
             chosen[m.label] = best
             rounds = 2 * setting.rounds if m.label == setting.baseline else setting.rounds
             specs += [Spec(setting.name, m, best, s, rounds) for s in REPORT_SEEDS]
+            if m.label == setting.baseline:
+                specs += [Spec(setting.name, m, pt, s, setting.rounds) for pt in ties(scores, best)
+                          for s in REPORT_SEEDS]
     return specs, chosen
 
 
@@ -492,7 +503,29 @@ def report_tables(setting: Setting) -> tuple[str, dict]:
                 cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]")
             lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
             summary["methods"][m.label]["paired"] = {str(rnd): paired(a, at(results[base], rnd)) for rnd in (R, 2 * R)}
+        lines += sensitivity(setting, results, summary)
     return "\n".join(lines) + "\n", {"summary": summary, "results": results, "chosen": chosen}
+
+
+def sensitivity(setting: Setting, results: dict, summary: dict) -> list[str]:
+    """The baseline at its tied points (reported seeds, R rounds) and every method against it."""
+    base = next(m for m in setting.methods if m.label == setting.baseline)
+    _, scores, best = search(setting, base)
+    R, lines = setting.rounds, []
+    for pt in ties(scores, best):
+        res = [load_result(Spec(setting.name, base, pt, s, R)) for s in REPORT_SEEDS]
+        if not all(res):
+            lines += ["", f"Sensitivity: {base.label} at {_fmt_point(base, pt)} (tied on validation) not run yet."]
+            continue
+        ref = [final_test(setting, r, R) for r in res]
+        cells = [f"{m.label} {100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+                 for m in setting.methods if m.label != base.label and m.label in results
+                 for d, lo, hi in [paired([final_test(setting, r, R) for r in results[m.label]], ref)]]
+        lines += ["", f"Sensitivity: {base.label} at {_fmt_point(base, pt)}, within {100 * TOL:.2f} points of the "
+                  f"chosen point on validation, scores {_pct(np.mean(ref))} +- {_pct(np.std(ref, ddof=1))} on the "
+                  f"test seeds at round {R}; paired differences against it: {'; '.join(cells)}."]
+        summary.setdefault("sensitivity", {})[_fmt_point(base, pt)] = {"test_acc": ref}
+    return lines
 
 
 def plots(setting: Setting, results: dict, out: Path) -> list[str]:

@@ -143,3 +143,10 @@ def test_scores_within_the_tolerance_tie_and_the_tie_goes_to_the_paper(setting):
     _, scores, _ = study.search(setting, next(m for m in setting.methods if m.label == "fedprox"))
     assert max(k for pt in scores for p, k in pt if p == "mu") == 1
     assert min(k for pt in scores for p, k in pt if p == "mu") == -1
+
+
+def test_ties_are_the_other_points_within_tolerance():
+    scores = {(("lr", -1),): [0.70, 0.70], (("lr", 0),): [0.735, 0.736], (("lr", 1),): [0.736, 0.738],
+              (("lr", 2),): [0.05, 0.06], (("lr", 3),): [0.70, None]}
+    assert study.ties(scores, (("lr", 0),)) == [(("lr", 1),)]
+    assert study.ties(scores, (("lr", 1),)) == [(("lr", 0),)]

@@ -221,3 +221,18 @@ def test_memory_that_cannot_fit_is_refused_before_decoding(tmp_path, folder):
                                         r"1 rank\(s\) of this node, more than 105 KiB \(data.memory_budget_gb\): "
                                         r"set data.storage=stream"):
         Trainer(cfg)
+
+
+def test_streamed_non_finite_sample_is_named(tmp_path):
+    root = tmp_path / "arrays"
+    root.mkdir()
+    x = np.random.default_rng(0).normal(size=(60, 5)).astype(np.float32)
+    x[37, 2] = np.nan
+    y = np.arange(60) % 2
+    for k, v in {"x_train": x[:50], "y_train": y[:50], "x_test": x[50:], "y_test": y[50:]}.items():
+        np.save(root / f"{k}.npy", v)
+    cfg = cfg_for(tmp_path, root, "fedavg", "stream", source="npy")
+    cfg.algorithm.local_batch_size, cfg.train.clients_per_round = "full", 5
+    with pytest.raises(DataError, match=r"streamed data: x_train holds non-finite values \(1 of \d+ samples; the "
+                                        r"first is sample 37, with NaN\)"):
+        fit(cfg)

@@ -267,10 +267,13 @@ class Normalizer:
         if norm is not None:
             self.mean, self.std = (_per_channel(v, input_shape, norm) for v in norm)
 
-    def __call__(self, raw: np.ndarray) -> torch.Tensor:
-        t = torch.from_numpy(np.ascontiguousarray(raw))
-        t = t.float().div_(255) if t.dtype == torch.uint8 else t.to(torch.float32)
-        return t if self.mean is None else t.sub_(self.mean).div_(self.std)
+    def __call__(self, raw: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+        """On ``raw``'s device (a tensor) or the CPU (an array); a new tensor, ``raw`` untouched."""
+        t = torch.from_numpy(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
+        t = t.to(torch.float32).div_(255) if t.dtype == torch.uint8 else t.to(torch.float32, copy=True)
+        if self.mean is None:
+            return t
+        return t.sub_(self.mean.to(t.device)).div_(self.std.to(t.device))
 
 
 def _per_channel(value: Union[Number, Sequence[Number]], input_shape: tuple[int, ...],

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import STREAMING_SOURCES, DataConfig
-from .sources import DataError, Dataset, ImageSplit, Normalizer, Source, Split, check_finite
+from .sources import DataError, Dataset, ImageSplit, Source, Split, check_finite
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -161,10 +161,12 @@ class _Failed:
 
 
 class BatchReader(torch.utils.data.Dataset):
-    """Reads and converts one batch of a split per item: the item is the batch's indices."""
+    """Reads one batch of a split per item (the item is the batch's indices): the raw inputs
+    (uint8 images stay uint8: a quarter of the bytes to move) and the labels. The conversion
+    to float runs where the batch is used, on the rank's device (:meth:`Streamed._to_device`)."""
 
-    def __init__(self, split: Split, normalizer: Normalizer, name: str):
-        self.split, self.normalizer, self.name = split, normalizer, name
+    def __init__(self, split: Split, name: str):
+        self.split, self.name = split, name
 
     def __len__(self) -> int:
         return len(self.split)
@@ -172,11 +174,18 @@ class BatchReader(torch.utils.data.Dataset):
     def __getitem__(self, idx: torch.Tensor):
         flat = idx.reshape(-1).numpy()
         try:
-            x = self.normalizer(self.split.read(flat))
-            check_finite(x, f"x_{self.name}", lambda j: self.split.describe(int(flat[j])), "streamed data")
+            raw = torch.from_numpy(np.ascontiguousarray(self.split.read(flat)))
+            if raw.is_floating_point():  # (uint8 cannot be non-finite; float arrays are used as stored)
+                check_finite(raw, f"x_{self.name}", lambda j: self.split.describe(int(flat[j])), "streamed data")
         except DataError as e:
             return _Failed(str(e))
-        return x.view(*idx.shape, *x.shape[1:]), torch.from_numpy(self.split.labels[flat]).view(idx.shape)
+        return raw.view(*idx.shape, *raw.shape[1:]), torch.from_numpy(self.split.labels[flat]).view(idx.shape)
+
+
+def _worker_init(worker_id: int) -> None:
+    """Workers share batches by shared-memory file name rather than by passing a descriptor
+    through a socket, which costs a connection per tensor (the process's own setting only)."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
 
 
 def _as_is(item):
@@ -194,7 +203,7 @@ def _loader(dataset, sampler, workers: int, prefetch: Optional[int] = None, pin:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["torch", __name__])
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                      prefetch_factor=prefetch if workers else None, pin_memory=pin,
+                      prefetch_factor=prefetch if workers else None, pin_memory=pin, worker_init_fn=_worker_init,
                       persistent_workers=persistent and workers > 0, multiprocessing_context=context)
 
 
@@ -263,8 +272,8 @@ class Streamed:
     def __init__(self, src: Source, val: np.ndarray, rank: int, world: int, device: torch.device,
                  dtype: torch.dtype, cfg: DataConfig, plan: Callable[[int], list[torch.Tensor]], last_round: int):
         self.device, self.dtype = device, dtype
-        self.readers = {"train": BatchReader(src.train, src.normalizer, "train"),
-                        "test": BatchReader(src.test, src.normalizer, "test")}
+        self.readers = {"train": BatchReader(src.train, "train"), "test": BatchReader(src.test, "test")}
+        self.normalizer = src.normalizer
         self.eval_idx = {"test": ("test", np.arange(rank, len(src.test), world)),
                          "val": ("train", np.asarray(val[rank::world]))}
         pin = device.type == "cuda"
@@ -299,10 +308,12 @@ class Streamed:
         return self._to_device(self.readers["train"][idx])
 
     def _to_device(self, out) -> Batch:
+        """The raw batch to the device, then converted there (as memory mode converts: bitwise equal)."""
         if isinstance(out, _Failed):
             raise DataError(out.message)
-        x, y = out
-        return x.to(self.device, self.dtype, non_blocking=True), y.to(self.device, non_blocking=True)
+        raw, y = out
+        x = self.normalizer(raw.to(self.device, non_blocking=True))
+        return x.to(self.dtype), y.to(self.device, non_blocking=True)
 
     def eval_batches(self, which: str, batch: int) -> Iterator[Batch]:
         split, idx = self.eval_idx[which]

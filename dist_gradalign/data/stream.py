@@ -163,10 +163,14 @@ class _Failed:
 class BatchReader(torch.utils.data.Dataset):
     """Reads one batch of a split per item (the item is the batch's indices): the raw inputs
     (uint8 images stay uint8: a quarter of the bytes to move) and the labels. The conversion
-    to float runs where the batch is used, on the rank's device (:meth:`Streamed._to_device`)."""
+    to float runs where the batch is used, on the rank's device (:meth:`Streamed._to_device`).
 
-    def __init__(self, split: Split, name: str):
-        self.split, self.name = split, name
+    ``arrays``: hand numpy arrays to the DataLoader, which pickles them through its pipe, rather
+    than tensors, which it moves through shared memory (a round trip to torch's shared-memory
+    manager per tensor, about 0.85 ms on these CPUs, and worth it only for pinned copies to a GPU)."""
+
+    def __init__(self, split: Split, name: str, arrays: bool = False):
+        self.split, self.name, self.arrays = split, name, arrays
 
     def __len__(self) -> int:
         return len(self.split)
@@ -174,18 +178,14 @@ class BatchReader(torch.utils.data.Dataset):
     def __getitem__(self, idx: torch.Tensor):
         flat = idx.reshape(-1).numpy()
         try:
-            raw = torch.from_numpy(np.ascontiguousarray(self.split.read(flat)))
-            if raw.is_floating_point():  # (uint8 cannot be non-finite; float arrays are used as stored)
-                check_finite(raw, f"x_{self.name}", lambda j: self.split.describe(int(flat[j])), "streamed data")
+            raw = np.ascontiguousarray(self.split.read(flat))
+            if raw.dtype != np.uint8:  # (uint8 cannot be non-finite; float arrays are used as stored)
+                check_finite(torch.from_numpy(raw), f"x_{self.name}", lambda j: self.split.describe(int(flat[j])),
+                             "streamed data")
         except DataError as e:
             return _Failed(str(e))
-        return raw.view(*idx.shape, *raw.shape[1:]), torch.from_numpy(self.split.labels[flat]).view(idx.shape)
-
-
-def _worker_init(worker_id: int) -> None:
-    """Workers share batches by shared-memory file name rather than by passing a descriptor
-    through a socket, which costs a connection per tensor (the process's own setting only)."""
-    torch.multiprocessing.set_sharing_strategy("file_system")
+        x, y = raw.reshape(*idx.shape, *raw.shape[1:]), self.split.labels[flat].reshape(idx.shape)
+        return (x, y) if self.arrays else (torch.from_numpy(x), torch.from_numpy(y))
 
 
 def _as_is(item):
@@ -203,7 +203,7 @@ def _loader(dataset, sampler, workers: int, prefetch: Optional[int] = None, pin:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["torch", __name__])
     return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                      prefetch_factor=prefetch if workers else None, pin_memory=pin, worker_init_fn=_worker_init,
+                      prefetch_factor=prefetch if workers else None, pin_memory=pin,
                       persistent_workers=persistent and workers > 0, multiprocessing_context=context)
 
 
@@ -272,11 +272,11 @@ class Streamed:
     def __init__(self, src: Source, val: np.ndarray, rank: int, world: int, device: torch.device,
                  dtype: torch.dtype, cfg: DataConfig, plan: Callable[[int], list[torch.Tensor]], last_round: int):
         self.device, self.dtype = device, dtype
-        self.readers = {"train": BatchReader(src.train, "train"), "test": BatchReader(src.test, "test")}
+        pin = device.type == "cuda"  # tensors through shared memory, pinned by the loader; else arrays
+        self.readers = {name: BatchReader(getattr(src, name), name, arrays=not pin) for name in ("train", "test")}
         self.normalizer = src.normalizer
         self.eval_idx = {"test": ("test", np.arange(rank, len(src.test), world)),
                          "val": ("train", np.asarray(val[rank::world]))}
-        pin = device.type == "cuda"
         self.plan = _Plan(plan, last_round)
         self.loader = _loader(self.readers["train"], self.plan, cfg.workers, cfg.prefetch, pin, persistent=True)
         self.eval_items = _Items()
@@ -311,7 +311,7 @@ class Streamed:
         """The raw batch to the device, then converted there (as memory mode converts: bitwise equal)."""
         if isinstance(out, _Failed):
             raise DataError(out.message)
-        raw, y = out
+        raw, y = (torch.as_tensor(v) for v in out)
         x = self.normalizer(raw.to(self.device, non_blocking=True))
         return x.to(self.dtype), y.to(self.device, non_blocking=True)
 

@@ -73,8 +73,10 @@ class Backend:
             dev = torch.device("cpu")
             # Oversubscribed intra-op threads slow CPU runs 4-18x (DESIGN.md section 2).
             # Count the CPUs this process may use (SLURM/cgroups binding), not the machine's.
+            # OMP_NUM_THREADS, when set, may lower it (e.g. to leave cores to data.workers).
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            torch.set_num_threads(max(1, cores // max(1, local_world)))
+            threads = max(1, cores // max(1, local_world))
+            torch.set_num_threads(min(threads, _env_int("OMP_NUM_THREADS", threads) or threads))
         launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ  # torchrun, or a SLURM step like it
         if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" \
                 and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0:

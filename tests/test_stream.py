@@ -236,3 +236,21 @@ def test_streamed_non_finite_sample_is_named(tmp_path):
     with pytest.raises(DataError, match=r"streamed data: x_train holds non-finite values \(1 of \d+ samples; the "
                                         r"first is sample 37, with NaN\)"):
         fit(cfg)
+
+
+def test_a_rank_plans_reads_of_its_own_clients_only(tmp_path, folder):
+    """Rank 1 of 2 (collectives are identities here): every planned read lies in the shards of
+    the clients assigned to rank 1 that round, and evaluation reads rank 1's slices only."""
+    from dist_gradalign.backend import Backend
+
+    cfg = cfg_for(tmp_path, folder, "fedga", "stream")
+    t = Trainer(cfg, Backend(rank=1, world_size=2))
+    for rnd in range(1, 5):
+        mine = t.backend.assigned(t.round_clients(rnd))
+        allowed = np.concatenate([t.shards_np[c] for c in mine])
+        reads = torch.cat([r.reshape(-1) for r in t._reads(rnd)]).numpy()
+        assert len(reads) and np.isin(reads, allowed).all()
+        others = np.concatenate([t.shards_np[c] for c in t.round_clients(rnd) if c not in mine])
+        assert not np.isin(reads, others).any()
+    assert t.data.eval_idx["test"][1].tolist() == list(range(1, 24, 2))
+    assert t.data.eval_idx["val"][1].tolist() == t.val_np[1::2].tolist()

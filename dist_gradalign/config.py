@@ -82,7 +82,10 @@ class AlgorithmConfig:
     mu: float = _opt(0.0, ge=0.0)
     weight_decay: float = _opt(0.0, ge=0.0)
     server_lr: float = _opt(1.0, gt=0.0)
-    server_momentum: float = _opt(0.0, ge=0.0, lt=1.0)
+    server_momentum: float = _opt(0.0, ge=0.0, lt=1.0)  # sgd: heavy ball (FedAvgM); adaptive: beta_1
+    server_opt: str = _opt("sgd", choices=("sgd", "adam", "yogi", "adagrad"))  # Reddi et al. 2021
+    server_beta2: float = _opt(0.99, ge=0.0, lt=1.0)  # adam, yogi
+    server_eps: float = _opt(1e-3, gt=0.0)  # tau of the adaptive server optimizers
 
 
 @dataclass

@@ -60,7 +60,7 @@ def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_
     """The algorithms of DESIGN.md section 1 in numpy float64, for rounds 1, 2, ... with the
     given clients; minibatches and the g_i samples re-derived by the functions above."""
     W = np.zeros((C, X.shape[1] + 1))
-    mom = np.zeros_like(W)
+    mom, v = np.zeros_like(W), np.zeros_like(W)
     K = 1 if a["name"] in ("lbsgd", "gradalign") else a["local_steps"]
     variances = []
     for rnd, clients in enumerate(rounds_clients, start=1):
@@ -83,8 +83,17 @@ def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_
                     d += g - gii
                 y = y - a["lr"] * d
             avg += wi * y
-        mom = a["server_momentum"] * mom + (W - avg)
-        W = W - a["server_lr"] * mom
+        opt, b1 = a.get("server_opt", "sgd"), a["server_momentum"]
+        if opt == "sgd":
+            mom = b1 * mom + (W - avg)
+            W = W - a["server_lr"] * mom
+            continue
+        delta = avg - W
+        mom = b1 * mom + (1 - b1) * delta
+        b2 = a["server_beta2"]
+        v = {"adagrad": v + delta ** 2, "adam": b2 * v + (1 - b2) * delta ** 2,
+             "yogi": v - (1 - b2) * delta ** 2 * np.sign(v - delta ** 2)}[opt]
+        W = W + a["server_lr"] * mom / (np.sqrt(v) + a["server_eps"])
     return W, variances
 
 
@@ -104,6 +113,29 @@ ALGOS = {
     "fedga": {"local_steps": 3, "beta": 0.3},
     "gradalign": {"beta": 0.3},
 }
+
+
+@pytest.mark.parametrize("opt", ["adam", "yogi", "adagrad"])
+@pytest.mark.parametrize("name", list(ALGOS))
+def test_adaptive_server_optimizers_match_numpy_reference(tmp_path, name, opt):
+    """Reddi et al. 2021 without bias correction, over 4 rounds that revisit clients."""
+    path, X, Y = _tiny(tmp_path)
+    algo = {"name": name, "lr": 0.4, "local_batch_size": "full", "full_grad_batch": "full", "weight_decay": 0.01,
+            "server_lr": 0.05, "server_momentum": 0.9, "server_opt": opt, "server_beta2": 0.95, "server_eps": 1e-3,
+            "beta": 0.0, "mu": 0.0, "local_steps": 1, **ALGOS[name]}
+    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo,
+                      partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3},
+                      train={"rounds": 4, "clients_per_round": 3, "precision": "float64"})
+    Trainer(cfg).fit()
+    rows = run_dir_rows(cfg.run_dir)
+    shards = [np.array(v) for v in json.loads((tmp_path / "run" / "partition.json").read_text())["clients"].values()]
+    W_ref, _ = ref_run(algo, X, Y, 3, shards, [r["clients"] for r in rows])
+    sd = load_params(cfg.run_dir)
+    W = np.hstack([sd["linear.weight"].numpy(), sd["linear.bias"].numpy()[:, None]])
+    np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
+    others = [ref_run({**algo, "server_opt": o}, X, Y, 3, shards, [r["clients"] for r in rows])[0]
+              for o in ("sgd", "adam", "yogi", "adagrad") if o != opt]
+    assert all(np.abs(W - o).max() > 1e-6 for o in others), "the optimizers must differ on this problem"
 
 
 @pytest.mark.parametrize("comm", ["bucketed", "flat"])

@@ -38,6 +38,8 @@ def _configs(root, world):
 
     for name in ALGOS:
         add(name, name)
+    add("gradalign-adam", "gradalign", server_opt="adam", server_momentum=0.9, server_lr=0.05)
+    add("fedga-yogi", "fedga", server_opt="yogi", server_momentum=0.9, server_lr=0.05)
     for name, train in COMM.items():
         add(name + "-flat", name.split("-")[0], {**train, "comm": "flat"})
         if name not in ALGOS:
@@ -64,7 +66,8 @@ def runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", [*ALGOS, "gradalign-micro", *(n + "-flat" for n in COMM), "few", "few-gradalign"])
+@pytest.mark.parametrize("name", [*ALGOS, "gradalign-adam", "fedga-yogi", "gradalign-micro", *(n + "-flat" for n in COMM),
+                                  "few", "few-gradalign"])
 def test_world_size_invariance(runs, name):
     ref = load_params(runs / "w1" / name / "run")
     ref_rows = run_dir_rows(runs / "w1" / name / "run")

@@ -138,3 +138,20 @@ def test_rank_failure_under_torchrun_resumes_exactly(tmp_path, reference_run, sc
     no retry: ``python tests/fault_scenarios.py --repeat 20`` repeats them."""
     fault_scenarios.SCENARIOS[scenario](tmp_path, scenario)
     fault_scenarios.assert_same_run(reference_run, tmp_path / scenario)
+
+
+@pytest.mark.parametrize("opt", ["adam", "yogi", "adagrad"])
+def test_adaptive_server_state_resumes_bit_identical(tmp_path, opt):
+    def cfg(root):
+        c = _cfg(root, "fedga")
+        c.algorithm.server_opt, c.algorithm.server_momentum, c.algorithm.server_lr = opt, 0.9, 0.05
+        return c
+    whole = cfg(tmp_path / "whole")
+    Trainer(whole).fit()
+    part = cfg(tmp_path / "part")
+    with pytest.raises(Preempted):
+        stop_after(Trainer(part), 3).fit()
+    state = torch.load(checkpoint.list_checkpoints(Path(part.run_dir) / "checkpoints")[-1], weights_only=True)
+    assert state["algorithm"]["second"] is not None and state["algorithm"]["second"].abs().sum() > 0
+    Trainer(part).fit()
+    fault_scenarios.assert_same_run(whole.run_dir, part.run_dir)

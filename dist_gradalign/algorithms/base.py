@@ -46,7 +46,8 @@ class Algorithm:
 
     def __init__(self, cfg: AlgorithmConfig):
         self.cfg = cfg
-        self.momentum: Optional[torch.Tensor] = None
+        self.momentum: Optional[torch.Tensor] = None  # m of the server optimizer
+        self.second: Optional[torch.Tensor] = None  # v of the adaptive server optimizers
 
     def local_steps(self) -> int:
         """K: local updates per client per round."""
@@ -73,23 +74,48 @@ class Algorithm:
 
     def state_dict(self) -> dict:
         """The server state carried across rounds (for checkpoints)."""
-        return {"momentum": None if self.momentum is None else self.momentum.detach().cpu()}
+        return {k: None if t is None else t.detach().cpu()
+                for k, t in (("momentum", self.momentum), ("second", self.second))}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
-        m = state["momentum"]
+        m, v = state["momentum"], state.get("second")
         self.momentum = None if m is None else m.to(device)
+        self.second = None if v is None else v.to(device)
 
     @torch.no_grad()
     def server_step(self, x: torch.Tensor, avg: torch.Tensor) -> None:
-        """x <- x + eta_s (sum_i w_i y_i - x), with optional server momentum (FedAvgM):
-        m <- mu_s m + (x - avg); x <- x - eta_s m."""
-        lr, mom = self.cfg.server_lr, self.cfg.server_momentum
-        if lr == 1.0 and mom == 0.0:
-            x.copy_(avg)
+        """Move x with the round's average ``avg`` = sum_i w_i y_i (``algorithm.server_opt``).
+
+        sgd: x <- x + eta_s (avg - x), with optional heavy-ball momentum (FedAvgM):
+        m <- mu_s m + (x - avg); x <- x - eta_s m.
+
+        adam, yogi, adagrad (Reddi et al. 2021, Adaptive Federated Optimization, Algorithm 2, as
+        Flower implements it, without bias correction): Delta = avg - x;
+        m <- b1 m + (1 - b1) Delta (m_0 = 0, b1 = ``server_momentum``); v_0 = 0 and
+        adagrad v <- v + Delta^2, adam v <- b2 v + (1 - b2) Delta^2,
+        yogi v <- v - (1 - b2) Delta^2 sign(v - Delta^2); x <- x + eta_s m / (sqrt(v) + tau)."""
+        c = self.cfg
+        lr, mom = c.server_lr, c.server_momentum
+        if c.server_opt == "sgd":
+            if lr == 1.0 and mom == 0.0:
+                x.copy_(avg)
+                return
+            delta = x - avg
+            if mom:
+                if self.momentum is None:
+                    self.momentum = torch.zeros_like(x)
+                delta = self.momentum.mul_(mom).add_(delta)
+            x.sub_(delta, alpha=lr)
             return
-        delta = x - avg
-        if mom:
-            if self.momentum is None:
-                self.momentum = torch.zeros_like(x)
-            delta = self.momentum.mul_(mom).add_(delta)
-        x.sub_(delta, alpha=lr)
+        if self.momentum is None:
+            self.momentum, self.second = torch.zeros_like(x), torch.zeros_like(x)
+        delta = avg - x
+        m, v, sq = self.momentum, self.second, delta * delta
+        m.mul_(mom).add_(delta, alpha=1 - mom)
+        if c.server_opt == "adagrad":
+            v.add_(sq)
+        elif c.server_opt == "adam":
+            v.mul_(c.server_beta2).add_(sq, alpha=1 - c.server_beta2)
+        else:  # yogi
+            v.sub_(sq * torch.sign(v - sq), alpha=1 - c.server_beta2)
+        x.addcdiv_(m, v.sqrt().add_(c.server_eps), value=lr)

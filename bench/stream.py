@@ -79,7 +79,8 @@ def config(root: Path, run_dir: Path, storage: str, model: str = "mlp", algorith
     return d
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc/<pid>/task/*/children)."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop()
@@ -149,7 +150,7 @@ def train(cfg: dict, tag: str, cgroup: Cgroup | None = None) -> dict:
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], sum(_pss(p) for p in _descendants(proc.pid)))
+            peak[0] = max(peak[0], sum(_pss(p) for p in descendants(proc.pid)))
             time.sleep(0.05)
 
     t = threading.Thread(target=sample, daemon=True)

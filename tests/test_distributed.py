@@ -1,6 +1,7 @@
 """Real gloo process groups under torchrun: world-size invariance and an end-to-end run."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -9,13 +10,27 @@ import torch
 
 from util import ALGOS, EMNIST47, REPO, base_config, load_params, run_dir_rows
 
+sys.path.insert(0, str(REPO / "bench"))
+from stream import descendants  # noqa: E402  (bench/stream.py: the process tree under a pid)
+
 WORLDS = (1, 2, 4)
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # torchrun, its ranks (own sessions) and their workers: none may linger
+        for pid in reversed(descendants(proc.pid)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out, err = proc.communicate()
+        raise AssertionError(f"torchrun {' '.join(args)} ran over {timeout} s; stderr tail:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 # Bucketed communication (the default) against one flat all-reduce per pass: the algorithms

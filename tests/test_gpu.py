@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dist_gradalign.backend import Backend
 from dist_gradalign.engine import Trainer
 
 from util import REPO, base_config, load_params, run_dir_rows, write_npz
@@ -59,7 +60,8 @@ def test_nccl_bucketed_matches_flat_and_learns(tmp_path, images, name):
 def test_vectorized_matches_sequential_on_cuda(tmp_path, images):
     xs = {}
     for ex in ("sequential", "vectorized"):
-        t = Trainer(_cfg(tmp_path / ex, images, "fedga", executor=ex))
+        t = Trainer(_cfg(tmp_path / ex, images, "fedga", executor=ex), Backend.from_env("cuda"))
+        assert t.x.is_cuda
         for r in (1, 2, 3):
             t.run_round(r)
         xs[ex] = t.x
@@ -70,5 +72,24 @@ def test_bf16_autocast_trains_like_float32(tmp_path, images):
     acc = {}
     for precision in ("float32", "bf16"):
         cfg = _cfg(tmp_path / precision, images, "gradalign", precision=precision)
-        acc[precision] = Trainer(cfg).fit()["test_acc"]
+        acc[precision] = Trainer(cfg, Backend.from_env("cuda")).fit()["test_acc"]
     assert acc["bf16"] > 0.5 and abs(acc["bf16"] - acc["float32"]) < 0.1, acc
+
+
+def test_stream_matches_memory_on_cuda(tmp_path):
+    """data.storage: stream on the GPU: pinned raw batches, converted on the device; the same
+    run as memory mode (which converts on the CPU), and every batch came from the plan."""
+    from test_stream import cfg_for, make_folder
+
+    folder = make_folder(tmp_path / "tree")
+    runs = {}
+    for storage in ("memory", "stream"):
+        cfg = cfg_for(tmp_path, folder, "fedga", storage, device="cuda")
+        t = Trainer(cfg, Backend.from_env("cuda"))
+        assert t.x.is_cuda
+        if storage == "stream":
+            assert t.data.loader.pin_memory
+        t.fit()
+        runs[storage] = t
+    assert runs["stream"].data.misses == 0
+    torch.testing.assert_close(runs["stream"].x, runs["memory"].x, rtol=1e-5, atol=1e-6)

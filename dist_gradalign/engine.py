@@ -197,10 +197,12 @@ class Trainer:
         n = x.numel()
 
         g, g_locals = None, {}
-        if algo.needs_client_grads:  # extra communication round: g = sum_i w_i g_i
+        if algo.needs_client_grads:
             gbuf = torch.zeros_like(x)
             g_locals = ex.client_grads(algo, rnd, mine, weights, x, gbuf)
-            g = self.reducer.finish(gbuf) if self.reducer else be.all_reduce_(gbuf)
+            if algo.reduces_g:  # the extra communication round: g = sum_i w_i g_i
+                g = self.reducer.finish(gbuf) if self.reducer else be.all_reduce_(gbuf)
+        g = algo.round_g(g)
 
         # [sum_i w_i y_i (or w_i grad_i) | train loss | sum_i w_i ||g_i - g||^2 | stop requested | non-finite]
         buf = torch.zeros(n + 4, dtype=x.dtype, device=x.device)
@@ -220,7 +222,9 @@ class Trainer:
                                   f"{Path(self.cfg.run_dir) / 'checkpoints'}; lower algorithm.lr (now {algo.cfg.lr})",
                                   local=mine_bad is not None)
         self.stop_agreed = bool(buf[n + 2] > 0)
-        algo.server_step(x, algo.average_from_gradient(x, buf[:n]) if gradient_form else buf[:n])
+        avg = algo.average_from_gradient(x, buf[:n]) if gradient_form else buf[:n]
+        algo.after_round(x, avg)
+        algo.server_step(x, avg)
 
         c = self.counters
         c.round = rnd
@@ -229,7 +233,7 @@ class Trainer:
         c.samples += self._samples(clients)
         row = {"round": rnd, "comm_rounds": c.comm_rounds, "updates": c.updates, "samples": c.samples,
                "bytes": be.bytes_sent, "clients": clients, "train_loss": float(buf[n])}
-        if g is not None:
+        if algo.reduces_g:
             r = 0.5 * float(buf[n + 1])  # r(x) = 1/2 sum_i w_i ||g_i - g||^2
             row["grad_variance"] = r
             row["grad_variance_normalized"] = r / max(float(g.pow(2).sum()), 1e-30)

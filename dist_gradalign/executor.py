@@ -164,7 +164,7 @@ class SequentialExecutor:
         out = {}
         for j, cid in enumerate(clients):
             positions, aug_step = self._grad_positions(algo, rnd, cid)
-            armed = self._arm(buf[:x.numel()], weights[cid], len(positions), j == len(clients) - 1)
+            armed = algo.reduces_g and self._arm(buf[:x.numel()], weights[cid], len(positions), j == len(clients) - 1)
             with torch.enable_grad():
                 self._grad(rnd, cid, positions, aug_step, hooks=armed)
             out[cid] = self.fm.grads.clone()
@@ -236,7 +236,10 @@ class SequentialExecutor:
                     break
                 algo.local_direction(state, y, grad)
                 y.sub_(grad, alpha=lr)
-            self._finish_client(state, None if gradient_form else y, loss_sum, steps, w, g, buf)
+            if not gradient_form:
+                algo.client_upload(state, y)
+            self._finish_client(state, None if gradient_form else y, loss_sum, steps, w, g if algo.reduces_g else None,
+                                buf)
 
     def _finish_client(self, state: ClientState, y: torch.Tensor | None, loss_sum: torch.Tensor, steps: int,
                        w: float, g: torch.Tensor | None, buf: torch.Tensor) -> None:
@@ -250,5 +253,5 @@ class SequentialExecutor:
             self._check(f"client {state.cid}: its parameters after {steps} local step(s)", y)
             buf[:n_params].add_(y, alpha=w)
         buf[n_params] += w * mean_loss
-        if state.g_i is not None:
+        if g is not None:  # the round's all-reduced g: r(x)'s term
             buf[n_params + 1] += w * (state.g_i - g).pow(2).sum()

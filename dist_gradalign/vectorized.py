@@ -105,7 +105,8 @@ class VectorizedExecutor(SequentialExecutor):
             mean_loss = loss_sum / steps
             self._check_rows([f"client {c}: its training loss" for c in group], mean_loss, losses=mean_loss)
             self._check_rows([f"client {c}: its parameters after {steps} local step(s)" for c in group], ys)
-            buf[:n].addmv_(ys.T, w)  # sum_i w_i y_i
+            algo.client_upload(state, ys)
+            buf[:n].addmv_(ys.T, w)  # sum_i w_i u_i
             buf[n] += w @ mean_loss
-            if g_i is not None:
+            if g_i is not None and algo.reduces_g:
                 buf[n + 1] += w @ (g_i - g).pow(2).sum(1)

@@ -63,26 +63,39 @@ def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_
     mom, v = np.zeros_like(W), np.zeros_like(W)
     K = 1 if a["name"] in ("lbsgd", "gradalign") else a["local_steps"]
     variances = []
+    previous = a.get("global_grad", "fresh") == "previous"
+    direction = None  # global_grad = previous: the previous round's d
     for rnd, clients in enumerate(rounds_clients, start=1):
         sizes = np.array([len(shards[c]) for c in clients], dtype=float)
         w = sizes / sizes.sum()
         sub = [shards[c][grad_positions(a, seed, rnd, c, len(shards[c]))] for c in clients]
         gi = [ref_grad(W, X[s], Y[s], C) for s in sub]
         g = sum(wi * gii for wi, gii in zip(w, gi))
-        variances.append(0.5 * sum(wi * ((gii - g) ** 2).sum() for wi, gii in zip(w, gi)))
+        if previous:
+            g = direction
+        else:
+            variances.append(0.5 * sum(wi * ((gii - g) ** 2).sum() for wi, gii in zip(w, gi)))
         avg = np.zeros_like(W)
         for wi, c, gii in zip(w, clients, gi):
             y = W.copy()
-            if a["name"] in ("fedga", "gradalign"):
-                y -= a["beta"] * (g - gii)
+            vi = None if g is None else g - gii
+            if a["name"] in ("fedga", "gradalign") and vi is not None:
+                y -= a["beta"] * vi
             for pos in ref_local_batches(seed, rnd, c, len(shards[c]), K, a["local_batch_size"]):
-                d = ref_grad(y, X[shards[c][pos]], Y[shards[c][pos]], C) + a["weight_decay"] * y
+                at = W if previous and a["name"] == "gradalign" else y  # GradAlign previous: decay at x
+                d = ref_grad(y, X[shards[c][pos]], Y[shards[c][pos]], C) + a["weight_decay"] * at
                 if a["name"] == "fedprox":
                     d += a["mu"] * (y - W)
                 if a["name"] == "scaffold":
                     d += g - gii
                 y = y - a["lr"] * d
+            if previous and vi is not None:
+                y = y + a["beta"] * vi  # u_i: the displacement undone
             avg += wi * y
+        if previous:
+            direction = (W - avg) / (a["lr"] * K)
+            if a["name"] == "gradalign":
+                direction = direction - a["weight_decay"] * W
         opt, b1 = a.get("server_opt", "sgd"), a["server_momentum"]
         if opt == "sgd":
             mom = b1 * mom + (W - avg)
@@ -113,6 +126,36 @@ ALGOS = {
     "fedga": {"local_steps": 3, "beta": 0.3},
     "gradalign": {"beta": 0.3},
 }
+
+
+@pytest.mark.parametrize("comm", ["bucketed", "flat"])
+@pytest.mark.parametrize("name", ["fedga", "gradalign"])
+def test_previous_global_grad_matches_numpy_reference(tmp_path, name, comm):
+    """global_grad: previous: d from the previous round, v_i = d - g_i (0 in round 1), the
+    displacement undone in the upload; one all-reduce per round."""
+    path, X, Y = _tiny(tmp_path)
+    algo = {"name": name, "lr": 0.4, "local_batch_size": "full", "full_grad_batch": "full", "weight_decay": 0.01,
+            "server_lr": 0.7, "server_momentum": 0.5, "beta": 0.0, "mu": 0.0, "local_steps": 1,
+            **ALGOS[name], "global_grad": "previous"}
+    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo,
+                      partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3},
+                      train={"rounds": 4, "clients_per_round": 3, "precision": "float64", "comm": comm})
+    t = Trainer(cfg)
+    t.fit()
+    rows = run_dir_rows(cfg.run_dir)
+    shards = [np.array(v) for v in json.loads((tmp_path / "run" / "partition.json").read_text())["clients"].values()]
+    clients = [r["clients"] for r in rows]
+    W_ref, var_ref = ref_run(algo, X, Y, 3, shards, clients)
+    sd = load_params(cfg.run_dir)
+    W = np.hstack([sd["linear.weight"].numpy(), sd["linear.bias"].numpy()[:, None]])
+    np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
+    fresh = ref_run({**algo, "global_grad": "fresh"}, X, Y, 3, shards, clients)[0]
+    assert np.abs(W - fresh).max() > 1e-6, "previous must differ from fresh on this problem"
+    assert var_ref == [] and all("grad_variance" not in r for r in rows)
+    n = W.size
+    assert [r["comm_rounds"] for r in rows] == [1, 2, 3, 4]
+    assert [r["bytes"] for r in rows] == [8 * (n + 4) * k for k in (1, 2, 3, 4)]  # as fedavg / lbsgd
+    assert t.algo.direction is not None
 
 
 @pytest.mark.parametrize("opt", ["adam", "yogi", "adagrad"])
@@ -336,3 +379,28 @@ def test_gradalign_uses_the_local_minibatch_for_g_i(tmp_path):
     assert not torch.allclose(x_ga, x_lb)
     x_b0, _ = _final(tmp_path, "ga0", algorithm={"name": "gradalign", **{**a, "beta": 0.0}}, **FED)
     torch.testing.assert_close(x_b0, x_lb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fedga", "gradalign"])
+def test_previous_global_grad_approaches_fresh_as_steps_shrink(tmp_path, name):
+    """d (the previous round's direction) stands in for g: the gap between the two runs,
+    relative to how far x moved, shrinks as alpha and beta halve, at a rate that tends to linear
+    (each halving at most 0.75x, the last at most 0.6x; exactly linear would be 0.5x)."""
+    path, X, Y = _tiny(tmp_path)
+    gaps = []
+    for scale in (1.0, 0.5, 0.25, 0.125):
+        finals = {}
+        for mode in ("fresh", "previous"):
+            algo = {"name": name, "lr": 0.4 * scale, "beta": 0.3 * scale, "local_batch_size": "full",
+                    "local_steps": 3 if name == "fedga" else 1, "global_grad": mode}
+            cfg = base_config(tmp_path / f"{scale}-{mode}", source="npz", root=str(path), model={"name": "logreg"},
+                              algorithm=algo, partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3},
+                              train={"rounds": 6, "clients_per_round": 4, "precision": "float64"})
+            t = Trainer(cfg)
+            x0 = t.x.clone()
+            t.fit()
+            finals[mode] = t.x
+        gaps.append(float((finals["previous"] - finals["fresh"]).norm() / (finals["fresh"] - x0).norm()))
+    assert gaps[0] > 1e-4, gaps  # the two differ at the largest steps
+    ratios = [b / a for a, b in zip(gaps, gaps[1:])]
+    assert all(r < 0.75 for r in ratios) and ratios[-1] < 0.6, (gaps, ratios)

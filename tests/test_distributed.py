@@ -55,6 +55,8 @@ def _configs(root, world):
         add(name, name)
     add("gradalign-adam", "gradalign", server_opt="adam", server_momentum=0.9, server_lr=0.05)
     add("fedga-yogi", "fedga", server_opt="yogi", server_momentum=0.9, server_lr=0.05)
+    add("fedga-previous", "fedga", global_grad="previous")
+    add("gradalign-previous", "gradalign", global_grad="previous")
     for name, train in COMM.items():
         add(name + "-flat", name.split("-")[0], {**train, "comm": "flat"})
         if name not in ALGOS:
@@ -81,7 +83,8 @@ def runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", [*ALGOS, "gradalign-adam", "fedga-yogi", "gradalign-micro", *(n + "-flat" for n in COMM),
+@pytest.mark.parametrize("name", [*ALGOS, "gradalign-adam", "fedga-yogi", "fedga-previous",
+                                  "gradalign-previous", "gradalign-micro", *(n + "-flat" for n in COMM),
                                   "few", "few-gradalign"])
 def test_world_size_invariance(runs, name):
     ref = load_params(runs / "w1" / name / "run")

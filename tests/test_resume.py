@@ -140,11 +140,13 @@ def test_rank_failure_under_torchrun_resumes_exactly(tmp_path, reference_run, sc
     fault_scenarios.assert_same_run(reference_run, tmp_path / scenario)
 
 
-@pytest.mark.parametrize("opt", ["adam", "yogi", "adagrad"])
-def test_adaptive_server_state_resumes_bit_identical(tmp_path, opt):
+def _stop_at_3_then_resume(tmp_path, name: str, algorithm: dict, state_key: str) -> None:
+    """A run stopped after round 3 and resumed equals the whole run, and the algorithm state
+    ``state_key`` is in the checkpoint."""
     def cfg(root):
-        c = _cfg(root, "fedga")
-        c.algorithm.server_opt, c.algorithm.server_momentum, c.algorithm.server_lr = opt, 0.9, 0.05
+        c = _cfg(root, name)
+        for key, value in algorithm.items():
+            setattr(c.algorithm, key, value)
         return c
     whole = cfg(tmp_path / "whole")
     Trainer(whole).fit()
@@ -152,6 +154,17 @@ def test_adaptive_server_state_resumes_bit_identical(tmp_path, opt):
     with pytest.raises(Preempted):
         stop_after(Trainer(part), 3).fit()
     state = torch.load(checkpoint.list_checkpoints(Path(part.run_dir) / "checkpoints")[-1], weights_only=True)
-    assert state["algorithm"]["second"] is not None and state["algorithm"]["second"].abs().sum() > 0
+    assert state["algorithm"][state_key] is not None and state["algorithm"][state_key].abs().sum() > 0
     Trainer(part).fit()
     fault_scenarios.assert_same_run(whole.run_dir, part.run_dir)
+
+
+@pytest.mark.parametrize("opt", ["adam", "yogi", "adagrad"])
+def test_adaptive_server_state_resumes_bit_identical(tmp_path, opt):
+    _stop_at_3_then_resume(tmp_path, "fedga", {"server_opt": opt, "server_momentum": 0.9, "server_lr": 0.05},
+                           "second")
+
+
+@pytest.mark.parametrize("name", ["fedga", "gradalign"])
+def test_previous_direction_resumes_bit_identical(tmp_path, name):
+    _stop_at_3_then_resume(tmp_path, name, {"global_grad": "previous"}, "direction")

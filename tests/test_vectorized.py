@@ -10,7 +10,8 @@ from util import ALGOS, base_config, write_npz
 
 
 def _final(tmp_path, executor, name, **kw):
-    algo = {"name": name, "lr": 0.1, "local_steps": 3, "local_batch_size": 16, "weight_decay": 1e-3, **ALGOS[name]}
+    algo = {"name": name, "lr": 0.1, "local_steps": 3, "local_batch_size": 16, "weight_decay": 1e-3, **ALGOS[name],
+            **kw.pop("algorithm", {})}
     cfg = base_config(tmp_path / executor, algorithm=algo, train={"rounds": 3, "clients_per_round": 5,
                       "executor": executor, **kw.pop("train", {})},
                       partition={"scheme": "dirichlet", "num_clients": 6, "alpha": 1.0}, **kw)
@@ -56,3 +57,10 @@ def test_vectorized_cnn_with_augmentation_and_unequal_full_batches(tmp_path):
 def test_vectorized_refuses_micro_batches(tmp_path):
     with pytest.raises(ConfigError, match="micro_batch_size = 8 is not allowed with train.executor"):
         base_config(tmp_path, train={"executor": "vectorized", "micro_batch_size": 8})
+
+
+@pytest.mark.parametrize("name", ["fedga", "gradalign"])
+def test_vectorized_matches_sequential_with_previous_global_grad(tmp_path, name):
+    xs, _ = _final(tmp_path, "sequential", name, algorithm={"global_grad": "previous"})
+    xv, _ = _final(tmp_path, "vectorized", name, algorithm={"global_grad": "previous"})
+    torch.testing.assert_close(xv, xs, rtol=1e-5, atol=1e-6)

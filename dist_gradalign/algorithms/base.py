@@ -48,13 +48,30 @@ class Algorithm:
         self.cfg = cfg
         self.momentum: Optional[torch.Tensor] = None  # m of the server optimizer
         self.second: Optional[torch.Tensor] = None  # v of the adaptive server optimizers
+        self.direction: Optional[torch.Tensor] = None  # d of global_grad: previous
 
     def local_steps(self) -> int:
         """K: local updates per client per round."""
         return self.cfg.local_steps
 
+    @property
+    def reduces_g(self) -> bool:
+        """Whether the round all-reduces g = sum_i w_i g_i (the extra communication round)."""
+        return self.needs_client_grads
+
     def comm_rounds(self) -> int:
-        return 2 if self.needs_client_grads else 1
+        return 2 if self.reduces_g else 1
+
+    def round_g(self, g: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The g the clients see this round: the all-reduced one (``reduces_g``), else the
+        algorithm's own (FedGA/GradAlign with ``global_grad: previous``; None in round 1)."""
+        return g
+
+    def client_upload(self, c: ClientState, y: torch.Tensor) -> None:
+        """Modify the iterate a client uploads, in place. Default: y_K as it is."""
+
+    def after_round(self, x: torch.Tensor, avg: torch.Tensor) -> None:
+        """Called with the round's x and sum_i w_i u_i, before the server step."""
 
     def client_start(self, c: ClientState, y: torch.Tensor) -> None:
         """Modify the starting iterate y (a copy of x) in place. Default: start at x."""
@@ -75,12 +92,13 @@ class Algorithm:
     def state_dict(self) -> dict:
         """The server state carried across rounds (for checkpoints)."""
         return {k: None if t is None else t.detach().cpu()
-                for k, t in (("momentum", self.momentum), ("second", self.second))}
+                for k, t in (("momentum", self.momentum), ("second", self.second), ("direction", self.direction))}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
-        m, v = state["momentum"], state.get("second")
+        m, v, d = state["momentum"], state.get("second"), state.get("direction")
         self.momentum = None if m is None else m.to(device)
         self.second = None if v is None else v.to(device)
+        self.direction = None if d is None else d.to(device)
 
     @torch.no_grad()
     def server_step(self, x: torch.Tensor, avg: torch.Tensor) -> None:

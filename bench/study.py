@@ -21,7 +21,10 @@ Protocol, for every setting (BENCHMARKS.md states it in full):
    than equal-compute) comparison for the methods that spend two communication rounds per round.
    A diverged run stays in its row, scored at chance, and is counted.
 
-Runs go to ``runs/study/<setting>/<run>`` (checkpoints there: an interrupted run resumes); each
+Each run imports the package afresh from this checkout: to edit the package while a study runs,
+run the study from a separate ``git worktree`` whose ``bench/results`` and ``runs`` are links to
+this checkout's (a run that fails at import is not stored, and is rerun). Runs go to
+``runs/study/<setting>/<run>`` (checkpoints there: an interrupted run resumes); each
 finished or diverged run is also stored, compressed, in ``bench/results/<setting>/<run>.json.xz``
 (config, status, every metrics row with floats to 6 significant digits, without the sampled
 client ids, which are a pure function of (seed, round): ``dist_gradalign.data.sample_clients``), which is what ``--report-only`` reads: tables and plots are

@@ -103,7 +103,6 @@ class Split:
     labels: np.ndarray
     input_shape: tuple[int, ...]
     dtype: np.dtype
-    lazy = False  # True: read from disk on demand (the others hold their arrays in memory)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -118,11 +117,6 @@ class Split:
     def subset(self, keep: np.ndarray) -> "Split":
         """The split without the samples where ``keep`` is False (see ``data.on_corrupt``)."""
         raise NotImplementedError
-
-    @property
-    def decoded_bytes(self) -> int:
-        """Memory of the whole split as float32 inputs (what ``storage: memory`` holds)."""
-        return len(self) * int(np.prod(self.input_shape)) * 4
 
 
 def _layout(x: np.ndarray) -> str:
@@ -144,11 +138,11 @@ def _apply_layout(layout: str, batch: np.ndarray) -> np.ndarray:
 
 
 class ArraySplit(Split):
-    """Inputs in an array: in memory, or a read-only memory map of an ``.npy`` file (``lazy``;
+    """Inputs in an array: in memory, or a read-only memory map of an ``.npy`` file (read on demand;
     a DataLoader worker reopens the file rather than receiving a copy)."""
 
-    def __init__(self, x: np.ndarray, labels: np.ndarray, lazy: bool = False):
-        self.x, self.labels, self.lazy = x, np.ascontiguousarray(labels, dtype=np.int64), lazy
+    def __init__(self, x: np.ndarray, labels: np.ndarray):
+        self.x, self.labels = x, np.ascontiguousarray(labels, dtype=np.int64)
         self.layout = _layout(x)
         self.input_shape = tuple(_apply_layout(self.layout, x[:0]).shape[1:])
         self.dtype = x.dtype
@@ -168,7 +162,7 @@ class ArraySplit(Split):
         return _apply_layout(self.layout, np.asarray(self.x[np.asarray(idx)]))
 
     def subset(self, keep: np.ndarray) -> "ArraySplit":
-        return ArraySplit(self.x[keep], self.labels[keep], self.lazy)
+        return ArraySplit(self.x[keep], self.labels[keep])
 
 
 class ImageSplit(Split):
@@ -177,7 +171,6 @@ class ImageSplit(Split):
     ``names`` are the images' paths relative to ``root``, as a numpy bytes array (one byte per
     character: with the labels, the only per-image memory). Every image must be ``input_shape``."""
 
-    lazy = True
     dtype = np.dtype(np.uint8)
 
     def __init__(self, root: Path, names: np.ndarray, labels: np.ndarray, input_shape: Optional[tuple] = None):
@@ -486,7 +479,7 @@ def _open_arrays(path: Path, npy: bool) -> tuple[Split, Split]:
             raise problem(f"x_{split} has {len(x)} samples but y_{split} has {len(y)} labels")
         if len(y) and y.min() < 0:
             raise problem(f"y_{split} holds negative labels")
-        splits.append(ArraySplit(x, y, lazy=npy))
+        splits.append(ArraySplit(x, y))
     if splits[0].dtype != splits[1].dtype:
         raise problem(f"x_train is {splits[0].dtype} but x_test is {splits[1].dtype}")
     return splits[0], splits[1]

@@ -98,6 +98,11 @@ class Backend:
         """This rank's share of the round's clients: position p goes to rank p % world_size."""
         return clients[self.rank::self.world_size]
 
+    def owned(self, clients: list[int]) -> list[int]:
+        """This rank's share when clients keep state across rounds: client i runs on rank
+        i % world_size every round (the state stays where it is; the load follows the sample)."""
+        return [c for c in clients if c % self.world_size == self.rank]
+
     @_collective
     def all_reduce_(self, buf: torch.Tensor, count: bool = True) -> torch.Tensor:
         """Sum ``buf`` over ranks, in place: one collective for the whole flat buffer.
@@ -130,6 +135,15 @@ class Backend:
             return [obj]
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
+        return out
+
+    @_collective
+    def gather_to_main(self, obj) -> list | None:
+        """Every rank's ``obj``, in rank order, on rank 0 alone (None elsewhere)."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, out, dst=0)
         return out
 
     @_collective

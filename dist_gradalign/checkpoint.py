@@ -72,9 +72,10 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ, other than those a resumed run may change."""
-    a, b = _flatten(saved), _flatten(current)
+def config_differences(saved: dict, current: dict, defaults: Optional[dict] = None) -> list[str]:
+    """Keys whose values differ, other than those a resumed run may change. A key the saved
+    config lacks (added in a later version) counts as its value in ``defaults``."""
+    a, b = {**_flatten(defaults or {}), **_flatten(saved)}, _flatten(current)
     diffs = []
     for key in sorted(set(a) | set(b)):
         if any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):

@@ -85,6 +85,8 @@ class AlgorithmConfig:
     server_momentum: float = _opt(0.0, ge=0.0, lt=1.0)  # sgd: heavy ball (FedAvgM); adaptive: beta_1
     # fedga, gradalign: g from this round's extra all-reduce (the paper), or the previous round's direction
     global_grad: str = _opt("fresh", choices=("fresh", "previous"))
+    # scaffold: control variates recomputed each round (the paper's Theorem 5) or kept per client
+    control: str = _opt("per_round", choices=("per_round", "stateful"))
     server_opt: str = _opt("sgd", choices=("sgd", "adam", "yogi", "adagrad"))  # Reddi et al. 2021
     server_beta2: float = _opt(0.99, ge=0.0, lt=1.0)  # adam, yogi
     server_eps: float = _opt(1e-3, gt=0.0)  # tau of the adaptive server optimizers
@@ -274,6 +276,9 @@ def validate(cfg: Config) -> Config:
     if a.global_grad != "fresh" and a.name not in ("fedga", "gradalign"):
         raise ConfigError(f"algorithm.global_grad = {a.global_grad!r} is not allowed for algorithm.name = {a.name!r}: "
                           "it chooses how fedga and gradalign form g; remove it")
+    if a.control != "per_round" and a.name != "scaffold":
+        raise ConfigError(f"algorithm.control = {a.control!r} is not allowed for algorithm.name = {a.name!r}: "
+                          "it chooses SCAFFOLD's control variates; remove it")
     if a.name in ONE_STEP_ALGORITHMS and a.local_steps != 1:
         raise ConfigError(f"algorithm.local_steps = {a.local_steps} is not allowed for algorithm.name = "
                           f"{a.name!r}: it takes exactly one update per round; set local_steps=1")

@@ -158,7 +158,7 @@ class Trainer:
     def _reads(self, rnd: int) -> list[torch.Tensor]:
         """The dataset indices this rank gathers in round ``rnd``, in order (``data.storage: stream``
         prefetches them): the diagnostic's, then the executor's."""
-        mine = self.backend.assigned(self.round_clients(rnd))
+        mine = self._mine(self.round_clients(rnd))
         diag = self.executor.diagnostic_reads(mine, self.cfg.train.diagnostics_batch) if self._diag_round(rnd) else []
         return diag + self.executor.round_reads(self.algo, rnd, mine)
 
@@ -169,6 +169,11 @@ class Trainer:
     # ------------------------------------------------------------------ one round
     def round_clients(self, rnd: int) -> list[int]:
         return sample_clients(self.cfg.seed, rnd, self.cfg.partition.num_clients, self.cfg.train.clients_per_round)
+
+    def _mine(self, clients: list[int]) -> list[int]:
+        """The round's clients this rank runs: by position, or by owner when clients keep state."""
+        be = self.backend
+        return be.owned(clients) if self.algo.keeps_client_state else be.assigned(clients)
 
     def _weights(self, clients: list[int]) -> dict[int, float]:
         """w_i = n_i / sum_j n_j over the round's clients (DESIGN.md section 1)."""
@@ -193,7 +198,7 @@ class Trainer:
         ex.start_round()
         clients = self.round_clients(rnd)
         weights = self._weights(clients)
-        mine = be.assigned(clients)
+        mine = self._mine(clients)
         n = x.numel()
 
         g, g_locals = None, {}
@@ -204,8 +209,9 @@ class Trainer:
                 g = self.reducer.finish(gbuf) if self.reducer else be.all_reduce_(gbuf)
         g = algo.round_g(g)
 
-        # [sum_i w_i y_i (or w_i grad_i) | train loss | sum_i w_i ||g_i - g||^2 | stop requested | non-finite]
-        buf = torch.zeros(n + 4, dtype=x.dtype, device=x.device)
+        # [sum_i w_i y_i (or w_i grad_i) | train loss | sum_i w_i ||g_i - g||^2 | stop requested | non-finite
+        #  | sum_i w_i (the clients' extra uploads: stateful SCAFFOLD's c_i+ - c_i)]
+        buf = torch.zeros(n + 4 + algo.upload_size(n), dtype=x.dtype, device=x.device)
         ex.local_updates(algo, rnd, mine, weights, x, g, g_locals, buf)
         buf[n + 2] = float(self.stop_requested)
         buf[n + 3] = ex.nonfinite(buf)
@@ -223,7 +229,7 @@ class Trainer:
                                   local=mine_bad is not None)
         self.stop_agreed = bool(buf[n + 2] > 0)
         avg = algo.average_from_gradient(x, buf[:n]) if gradient_form else buf[:n]
-        algo.after_round(x, avg)
+        algo.after_round(x, avg, buf[n + 4:], sum(self.sizes[c] for c in clients) / sum(self.sizes))
         algo.server_step(x, avg)
 
         c = self.counters
@@ -264,7 +270,7 @@ class Trainer:
         clients = self.round_clients(rnd)
         weights = self._weights(clients)
         g = torch.zeros_like(x)
-        g_locals = self.executor.diagnostic_grads(be.assigned(clients), weights, x,
+        g_locals = self.executor.diagnostic_grads(self._mine(clients), weights, x,
                                                   self.cfg.train.diagnostics_batch, g)
         be.all_reduce_(g, count=False)
         s = torch.zeros(1, dtype=x.dtype, device=x.device)
@@ -287,7 +293,7 @@ class Trainer:
         latest = None if overwrite or resume == "never" else checkpoint.load_latest(ckpt_dir)
         if latest:
             path, state = latest
-            diffs = checkpoint.config_differences(state["config"], cfg.to_dict())
+            diffs = checkpoint.config_differences(state["config"], cfg.to_dict(), Config().to_dict())
             if diffs:
                 raise checkpoint.CheckpointError(
                     f"checkpoint {str(path)!r} was made with another config ({'; '.join(diffs)}): resume with "
@@ -314,6 +320,8 @@ class Trainer:
         be = self.backend
         self.x.copy_(state["x"])
         self.algo.load_state_dict(state["algorithm"], self.x.device)
+        clients = state.get("clients") or {}
+        self.algo.load_client_state({c: clients[c] for c in be.owned(list(clients))})
         self.counters = Counters(**state["counters"])
         be.bytes_sent = state["bytes"]
         self.last_row = state["last_row"]
@@ -327,13 +335,15 @@ class Trainer:
         """Every rank contributes its RNG states; rank 0 writes."""
         be = self.backend
         rngs = be.gather_object(checkpoint.rng_state())
+        per_client = be.gather_to_main(self.algo.client_state()) if self.algo.keeps_client_state else None
         if not be.is_main:
             return None
         id_file = Path(self.cfg.run_dir) / ID_FILE
         state = {"round": self.counters.round, "x": self.x.detach().cpu(), "algorithm": self.algo.state_dict(),
                  "counters": asdict(self.counters), "bytes": be.bytes_sent, "rng": rngs,
                  "world_size": be.world_size, "config": self.cfg.to_dict(), "last_row": self.last_row,
-                 "wandb_id": id_file.read_text().strip() if id_file.is_file() else None}
+                 "wandb_id": id_file.read_text().strip() if id_file.is_file() else None,
+                 "clients": {c: t for part in per_client for c, t in part.items()} if per_client else None}
         return checkpoint.save(ckpt_dir, state, self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ the run

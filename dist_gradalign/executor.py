@@ -208,7 +208,8 @@ class SequentialExecutor:
                       x: torch.Tensor, g: torch.Tensor | None, g_locals: dict[int, torch.Tensor],
                       buf: torch.Tensor) -> None:
         """Each client's K local steps from x. Adds w_i y_i into ``buf[:n]``, the weighted
-        mean local loss into ``buf[n]`` and, where g is known, w_i ||g_i - g||^2 into ``buf[n+1]``.
+        mean local loss into ``buf[n]``, where g is known, w_i ||g_i - g||^2 into ``buf[n+1]``, and
+        w_i times the client's extra upload (``algo.client_finish``) into ``buf[n+4:]``.
 
         With a reducer and ``algo.gradient_form`` (one local step, lbsgd and gradalign), adds
         w_i times the raw minibatch gradient instead (the last client's during its backward
@@ -237,6 +238,9 @@ class SequentialExecutor:
                 algo.local_direction(state, y, grad)
                 y.sub_(grad, alpha=lr)
             if not gradient_form:
+                extra = algo.client_finish(state, y)
+                if extra is not None:  # after the round's scalars: [n params | 4 scalars | extra]
+                    buf[n + 4:].add_(extra, alpha=w)
                 algo.client_upload(state, y)
             self._finish_client(state, None if gradient_form else y, loss_sum, steps, w, g if algo.reduces_g else None,
                                 buf)

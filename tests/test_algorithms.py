@@ -65,13 +65,19 @@ def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_
     variances = []
     previous = a.get("global_grad", "fresh") == "previous"
     direction = None  # global_grad = previous: the previous round's d
+    stateful = a.get("control", "per_round") == "stateful"
+    c_server, c_client = np.zeros_like(W), {}  # stateful SCAFFOLD: c and c_i (absent = 0)
+    total = sum(len(s) for s in shards)
     for rnd, clients in enumerate(rounds_clients, start=1):
         sizes = np.array([len(shards[c]) for c in clients], dtype=float)
         w = sizes / sizes.sum()
         sub = [shards[c][grad_positions(a, seed, rnd, c, len(shards[c]))] for c in clients]
         gi = [ref_grad(W, X[s], Y[s], C) for s in sub]
         g = sum(wi * gii for wi, gii in zip(w, gi))
-        if previous:
+        c_change = np.zeros_like(W)
+        if stateful:
+            g = None
+        elif previous:
             g = direction
         else:
             variances.append(0.5 * sum(wi * ((gii - g) ** 2).sum() for wi, gii in zip(w, gi)))
@@ -87,11 +93,16 @@ def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_
                 if a["name"] == "fedprox":
                     d += a["mu"] * (y - W)
                 if a["name"] == "scaffold":
-                    d += g - gii
+                    d += c_server - c_client.get(c, 0.0) if stateful else g - gii
                 y = y - a["lr"] * d
             if previous and vi is not None:
                 y = y + a["beta"] * vi  # u_i: the displacement undone
+            if stateful:  # c_i+ = c_i - c + (x - y_K) / (K alpha); c moves by p_i (c_i+ - c_i)
+                new = c_client.get(c, 0.0) - c_server + (W - y) / (K * a["lr"])
+                c_change += len(shards[c]) / total * (new - c_client.get(c, 0.0))
+                c_client[c] = new
             avg += wi * y
+        c_server = c_server + c_change
         if previous:
             direction = (W - avg) / (a["lr"] * K)
             if a["name"] == "gradalign":
@@ -118,6 +129,22 @@ def _tiny(tmp_path):
     return write_npz(tmp_path / "tiny.npz", X, Y, X, Y), X.reshape(12, 3), Y
 
 
+def _fit_tiny(tmp_path, algo, rounds, clients_per_round, **train):
+    """Train logistic regression on :func:`_tiny` (4 Dirichlet clients, float64). Returns the
+    trainer, the metric rows, the shards, the round's clients and the final (C, D+1) weights."""
+    path, X, Y = _tiny(tmp_path)
+    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo,
+                      partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3},
+                      train={"rounds": rounds, "clients_per_round": clients_per_round, "precision": "float64", **train})
+    t = Trainer(cfg)
+    t.fit()
+    rows = run_dir_rows(cfg.run_dir)
+    shards = [np.array(v) for v in json.loads((tmp_path / "run" / "partition.json").read_text())["clients"].values()]
+    sd = load_params(cfg.run_dir)
+    W = np.hstack([sd["linear.weight"].numpy(), sd["linear.bias"].numpy()[:, None]])
+    return t, rows, shards, [r["clients"] for r in rows], W
+
+
 ALGOS = {
     "lbsgd": {},
     "fedavg": {"local_steps": 3},
@@ -133,21 +160,12 @@ ALGOS = {
 def test_previous_global_grad_matches_numpy_reference(tmp_path, name, comm):
     """global_grad: previous: d from the previous round, v_i = d - g_i (0 in round 1), the
     displacement undone in the upload; one all-reduce per round."""
-    path, X, Y = _tiny(tmp_path)
     algo = {"name": name, "lr": 0.4, "local_batch_size": "full", "full_grad_batch": "full", "weight_decay": 0.01,
             "server_lr": 0.7, "server_momentum": 0.5, "beta": 0.0, "mu": 0.0, "local_steps": 1,
             **ALGOS[name], "global_grad": "previous"}
-    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo,
-                      partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3},
-                      train={"rounds": 4, "clients_per_round": 3, "precision": "float64", "comm": comm})
-    t = Trainer(cfg)
-    t.fit()
-    rows = run_dir_rows(cfg.run_dir)
-    shards = [np.array(v) for v in json.loads((tmp_path / "run" / "partition.json").read_text())["clients"].values()]
-    clients = [r["clients"] for r in rows]
+    t, rows, shards, clients, W = _fit_tiny(tmp_path, algo, 4, 3, comm=comm)
+    _, X, Y = _tiny(tmp_path)
     W_ref, var_ref = ref_run(algo, X, Y, 3, shards, clients)
-    sd = load_params(cfg.run_dir)
-    W = np.hstack([sd["linear.weight"].numpy(), sd["linear.bias"].numpy()[:, None]])
     np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
     fresh = ref_run({**algo, "global_grad": "fresh"}, X, Y, 3, shards, clients)[0]
     assert np.abs(W - fresh).max() > 1e-6, "previous must differ from fresh on this problem"
@@ -158,25 +176,45 @@ def test_previous_global_grad_matches_numpy_reference(tmp_path, name, comm):
     assert t.algo.direction is not None
 
 
+@pytest.mark.parametrize("executor", ["sequential", "vectorized"])
+def test_stateful_scaffold_matches_numpy_reference(tmp_path, executor):
+    """control: stateful (Karimireddy et al. 2020, option II, sample weights) over 6 rounds of 2
+    of 4 unequal clients, so clients are revisited with their c_i; one communication round that
+    carries y and c_i+ - c_i (twice the model)."""
+    algo = {"name": "scaffold", "lr": 0.4, "local_batch_size": 2, "full_grad_batch": "full", "weight_decay": 0.01,
+            "server_lr": 0.7, "server_momentum": 0.5, "beta": 0.0, "mu": 0.0, "local_steps": 3, "control": "stateful"}
+    t, rows, shards, clients, W = _fit_tiny(tmp_path, algo, 6, 2, executor=executor)
+    _, X, Y = _tiny(tmp_path)
+    assert len({len(s) for s in shards}) > 1, "the test needs unequal client sizes"
+    seen = [c for r in clients for c in r]
+    assert len(seen) > len(set(seen)), "the test needs a client sampled twice"
+    W_ref, _ = ref_run(algo, X, Y, 3, shards, clients)
+    np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
+    per_round = ref_run({**algo, "control": "per_round"}, X, Y, 3, shards, clients)[0]
+    assert np.abs(W - per_round).max() > 1e-6, "stateful must differ from per_round on this problem"
+    n = W.size
+    assert [r["comm_rounds"] for r in rows] == list(range(1, 7))
+    assert [r["bytes"] for r in rows] == [8 * (2 * n + 4) * k for k in range(1, 7)]
+    assert all("grad_variance" not in r for r in rows)
+    # c = sum_i p_i c_i over all clients, with p_i = n_i / sum_j n_j
+    p = {c: len(shards[c]) / sum(len(s) for s in shards) for c in range(4)}
+    c_sum = sum(p[c] * t.algo.client_controls[c] for c in t.algo.client_controls)
+    torch.testing.assert_close(t.algo.control.cpu(), c_sum, rtol=1e-10, atol=1e-12)
+    assert sorted(t.algo.client_controls) == sorted(set(seen))
+
+
 @pytest.mark.parametrize("opt", ["adam", "yogi", "adagrad"])
 @pytest.mark.parametrize("name", list(ALGOS))
 def test_adaptive_server_optimizers_match_numpy_reference(tmp_path, name, opt):
     """Reddi et al. 2021 without bias correction, over 4 rounds that revisit clients."""
-    path, X, Y = _tiny(tmp_path)
     algo = {"name": name, "lr": 0.4, "local_batch_size": "full", "full_grad_batch": "full", "weight_decay": 0.01,
             "server_lr": 0.05, "server_momentum": 0.9, "server_opt": opt, "server_beta2": 0.95, "server_eps": 1e-3,
             "beta": 0.0, "mu": 0.0, "local_steps": 1, **ALGOS[name]}
-    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo,
-                      partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3},
-                      train={"rounds": 4, "clients_per_round": 3, "precision": "float64"})
-    Trainer(cfg).fit()
-    rows = run_dir_rows(cfg.run_dir)
-    shards = [np.array(v) for v in json.loads((tmp_path / "run" / "partition.json").read_text())["clients"].values()]
-    W_ref, _ = ref_run(algo, X, Y, 3, shards, [r["clients"] for r in rows])
-    sd = load_params(cfg.run_dir)
-    W = np.hstack([sd["linear.weight"].numpy(), sd["linear.bias"].numpy()[:, None]])
+    _, rows, shards, clients, W = _fit_tiny(tmp_path, algo, 4, 3)
+    _, X, Y = _tiny(tmp_path)
+    W_ref, _ = ref_run(algo, X, Y, 3, shards, clients)
     np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
-    others = [ref_run({**algo, "server_opt": o}, X, Y, 3, shards, [r["clients"] for r in rows])[0]
+    others = [ref_run({**algo, "server_opt": o}, X, Y, 3, shards, clients)[0]
               for o in ("sgd", "adam", "yogi", "adagrad") if o != opt]
     assert all(np.abs(W - o).max() > 1e-6 for o in others), "the optimizers must differ on this problem"
 
@@ -185,20 +223,13 @@ def test_adaptive_server_optimizers_match_numpy_reference(tmp_path, name, opt):
 @pytest.mark.parametrize("server", [(1.0, 0.0), (0.7, 0.5)], ids=["plain", "server-momentum"])
 @pytest.mark.parametrize("name", list(ALGOS))
 def test_matches_numpy_reference(tmp_path, name, server, comm):
-    path, X, Y = _tiny(tmp_path)
     algo = {"name": name, "lr": 0.4, "local_batch_size": "full", "full_grad_batch": "full",
             "weight_decay": 0.01, "server_lr": server[0], "server_momentum": server[1], "beta": 0.0, "mu": 0.0,
             "local_steps": 1, **ALGOS[name]}
-    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo,
-                      partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3},
-                      train={"rounds": 3, "clients_per_round": 3, "precision": "float64", "comm": comm})
-    Trainer(cfg).fit()
-    rows = run_dir_rows(cfg.run_dir)
-    shards = [np.array(v) for v in json.loads((tmp_path / "run" / "partition.json").read_text())["clients"].values()]
+    _, rows, shards, clients, W = _fit_tiny(tmp_path, algo, 3, 3, comm=comm)
+    _, X, Y = _tiny(tmp_path)
     assert len({len(s) for s in shards}) > 1, "the test needs unequal client sizes (sample-size weights)"
-    W_ref, var_ref = ref_run(algo, X, Y, 3, shards, [r["clients"] for r in rows])
-    sd = load_params(cfg.run_dir)
-    W = np.hstack([sd["linear.weight"].numpy(), sd["linear.bias"].numpy()[:, None]])
+    W_ref, var_ref = ref_run(algo, X, Y, 3, shards, clients)
     np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
     if name in ("scaffold", "fedga", "gradalign"):
         np.testing.assert_allclose([r["grad_variance"] for r in rows], var_ref, rtol=1e-9)

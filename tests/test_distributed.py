@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from dist_gradalign.config import from_dict
 from util import ALGOS, EMNIST47, REPO, base_config, load_params, run_dir_rows
 
 sys.path.insert(0, str(REPO / "bench"))
@@ -57,6 +58,11 @@ def _configs(root, world):
     add("fedga-yogi", "fedga", server_opt="yogi", server_momentum=0.9, server_lr=0.05)
     add("fedga-previous", "fedga", global_grad="previous")
     add("gradalign-previous", "gradalign", global_grad="previous")
+    add("scaffold-stateful", "scaffold", control="stateful")
+    if world in (2, 4):  # stateful SCAFFOLD started on 2 ranks, resumed on 4: the c_i move to their new owners
+        cfg = from_dict({**out[-1], "run_dir": str(root / "moved" / "run")})
+        cfg.train.rounds = 2 if world == 2 else 4
+        out.append(cfg.to_dict())
     for name, train in COMM.items():
         add(name + "-flat", name.split("-")[0], {**train, "comm": "flat"})
         if name not in ALGOS:
@@ -84,7 +90,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", [*ALGOS, "gradalign-adam", "fedga-yogi", "fedga-previous",
-                                  "gradalign-previous", "gradalign-micro", *(n + "-flat" for n in COMM),
+                                  "gradalign-previous", "scaffold-stateful", "gradalign-micro", *(n + "-flat" for n in COMM),
                                   "few", "few-gradalign"])
 def test_world_size_invariance(runs, name):
     ref = load_params(runs / "w1" / name / "run")
@@ -104,6 +110,18 @@ def test_world_size_invariance(runs, name):
             assert ("diag_grad_variance" in a) == ("diag_grad_variance" in b)
             if "diag_grad_variance" in a:  # the diagnostic r(x), summed over ranks
                 assert b["diag_grad_variance"] == pytest.approx(a["diag_grad_variance"], rel=1e-4)
+
+
+def test_stateful_scaffold_resumes_on_another_world_size(runs):
+    """Checkpointed after round 2 on 2 ranks (rank 0 gathers every c_i), resumed to round 4 on
+    4 ranks (each takes the c_i of the clients it now owns): the run of one rank throughout."""
+    ref = load_params(runs / "w1" / "scaffold-stateful" / "run")
+    params = load_params(runs / "moved" / "run")
+    for key in ref:
+        torch.testing.assert_close(params[key], ref[key], rtol=0, atol=1e-5, msg=key)
+    rows = run_dir_rows(runs / "moved" / "run")
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert [r["clients"] for r in rows] == [r["clients"] for r in run_dir_rows(runs / "w1" / "scaffold-stateful" / "run")]
 
 
 @pytest.mark.parametrize("name", list(COMM))

@@ -168,3 +168,10 @@ def test_adaptive_server_state_resumes_bit_identical(tmp_path, opt):
 @pytest.mark.parametrize("name", ["fedga", "gradalign"])
 def test_previous_direction_resumes_bit_identical(tmp_path, name):
     _stop_at_3_then_resume(tmp_path, name, {"global_grad": "previous"}, "direction")
+
+
+def test_stateful_scaffold_resumes_bit_identical(tmp_path):
+    """The server's c in the algorithm state and every client's c_i in the checkpoint."""
+    _stop_at_3_then_resume(tmp_path, "scaffold", {"control": "stateful"}, "control")
+    state = torch.load(checkpoint.list_checkpoints(tmp_path / "part" / "run" / "checkpoints")[-1], weights_only=True)
+    assert state["clients"] and all(t.abs().sum() > 0 for t in state["clients"].values())

@@ -7,7 +7,8 @@ A round, as the executor runs it on each rank:
 2. per client: y = x; ``client_start`` (e.g. FedGA's displacement); then ``local_steps()``
    times y <- y - lr * ``local_direction`` (the minibatch gradient plus the algorithm's
    terms, plus weight decay at the current iterate);
-3. one all-reduce forms sum_i w_i y_i; ``server_step`` moves x towards it.
+3. one all-reduce forms sum_i w_i y_i (and, for an algorithm with per-client state, sum_i w_i
+   of what ``client_finish`` returns, in the same buffer); ``server_step`` moves x towards it.
 
 Algorithms are pure math on flat parameter vectors: they never communicate.
 """
@@ -32,7 +33,8 @@ class ClientState:
     x: torch.Tensor
     g: Optional[torch.Tensor] = None
     g_i: Optional[torch.Tensor] = None
-    correction: Optional[torch.Tensor] = None  # SCAFFOLD's g - g_i, fixed for the round
+    correction: Optional[torch.Tensor] = None  # SCAFFOLD's g - g_i (or c - c_i), fixed for the round
+    control: Optional[torch.Tensor] = None  # stateful SCAFFOLD's c_i
 
 
 class Algorithm:
@@ -59,6 +61,26 @@ class Algorithm:
         """Whether the round all-reduces g = sum_i w_i g_i (the extra communication round)."""
         return self.needs_client_grads
 
+    # Per-client state that persists across rounds (stateful SCAFFOLD's c_i): client i then always
+    # runs on the rank that owns it, and checkpoints gather the state to rank 0.
+    keeps_client_state = False
+
+    def upload_size(self, n: int) -> int:
+        """Numbers a client uploads besides its n parameters (``client_finish``'s result)."""
+        return 0
+
+    def client_finish(self, c: ClientState, y: torch.Tensor) -> Optional[torch.Tensor]:
+        """After the local steps, before ``client_upload``: update the client's own state and
+        return the extra upload (``upload_size`` numbers), or None."""
+        return None
+
+    def client_state(self) -> dict:
+        """This rank's per-client state, {client id: tensor} (for checkpoints)."""
+        return {}
+
+    def load_client_state(self, rows: dict) -> None:
+        """Restore this rank's per-client state from a checkpoint's rows for its clients."""
+
     def comm_rounds(self) -> int:
         return 2 if self.reduces_g else 1
 
@@ -70,8 +92,10 @@ class Algorithm:
     def client_upload(self, c: ClientState, y: torch.Tensor) -> None:
         """Modify the iterate a client uploads, in place. Default: y_K as it is."""
 
-    def after_round(self, x: torch.Tensor, avg: torch.Tensor) -> None:
-        """Called with the round's x and sum_i w_i u_i, before the server step."""
+    def after_round(self, x: torch.Tensor, avg: torch.Tensor, uploads: Optional[torch.Tensor] = None,
+                    fraction: float = 1.0) -> None:
+        """Called with the round's x and sum_i w_i u_i, before the server step; ``uploads`` is
+        sum_i w_i of the clients' extra uploads, ``fraction`` the round's share of all samples."""
 
     def client_start(self, c: ClientState, y: torch.Tensor) -> None:
         """Modify the starting iterate y (a copy of x) in place. Default: start at x."""

@@ -36,6 +36,6 @@ class FedGA(Algorithm):
         if self.previous and self.cfg.beta and c.g is not None:
             y.add_(c.g - c.g_i, alpha=self.cfg.beta)
 
-    def after_round(self, x, avg) -> None:
+    def after_round(self, x, avg, uploads=None, fraction=1.0) -> None:
         if self.previous:  # d = (x - sum_i w_i u_i) / (alpha K)
             self.direction = (x - avg).div_(self.cfg.lr * self.local_steps())

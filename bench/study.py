@@ -80,7 +80,8 @@ class Method:
     overrides: tuple[str, ...] = ()
 
     def value(self, param: str, exp: int) -> float:
-        return float(f"{dict(self.base).get(param, PAPER[param]) * 2.0 ** exp:.6g}")
+        base = dict(self.base)
+        return float(f"{(base[param] if param in base else PAPER[param]) * 2.0 ** exp:.6g}")
 
 
 @dataclass
@@ -95,6 +96,10 @@ class Setting:
     chance: float
     note: str = ""
     run_overrides: list[str] = field(default_factory=list)
+    # further paired comparisons (a, b, f): a at `rounds` against b at f x `rounds` (b's run
+    # read at that round), e.g. f = 0.5 compares a one-round method with a two-round one at
+    # equal communication
+    pairs: tuple[tuple[str, str, float], ...] = ()
 
 
 FED = [Method("fedavg", "fedavg"), Method("fedprox", "fedprox", ("lr", "mu")),
@@ -105,33 +110,52 @@ CIFAR = ["data.val_fraction=0.1", "train.eval_every=10", "train.diagnostics_ever
          "train.diagnostics_batch=1000", "train.checkpoint_every=10"]
 
 
-def _emnist(split: str, batch, rounds: int) -> Setting:
+def _emnist(split: str, batch, rounds: int, extra: list[Method] = (), pairs: tuple = ()) -> Setting:
     kind = "heterogeneous (one class per client)" if split == "het" else "IID"
     return Setting(
         name=f"emnist-{split}" + ("" if batch == "full" else "-mb"),
         title=f"EMNIST-47 {kind}, 10 of 47 clients per round, K = 10, "
               + ("local batch = the whole shard (the paper)" if batch == "full" else f"local batch {batch}"),
         config=f"configs/offline/emnist-{split}-fedavg.yaml",
-        overrides=[*EMNIST, f"algorithm.local_batch_size={batch}"], methods=FED, baseline="fedavg",
-        rounds=rounds, chance=1 / 47,
+        overrides=[*EMNIST, f"algorithm.local_batch_size={batch}"], methods=[*FED, *extra], baseline="fedavg",
+        rounds=rounds, chance=1 / 47, pairs=pairs,
         note="mlp (784-200-200-47) instead of cnn_emnist: the CNN cannot reach flat curves on 2 CPU cores")
+
+
+# The options of issue 12, beyond the paper, in the minibatch heterogeneous setting: one-round
+# FedGA, stateful SCAFFOLD, and Adam on the server (client lr, beta at the base method's chosen
+# point; the server lr tuned). Tuned and reported by the same protocol.
+ADAM = ("algorithm.server_opt=adam", "algorithm.server_momentum=0.9")
+FED_EXT = [Method("fedga-previous", "fedga", ("lr", "beta"), overrides=("algorithm.global_grad=previous",)),
+           Method("scaffold-stateful", "scaffold", overrides=("algorithm.control=stateful",)),
+           Method("fedavg-adam", "fedavg", ("server_lr",), (("server_lr", 0.01),), (*ADAM, "algorithm.lr=0.1")),
+           Method("fedga-adam", "fedga", ("server_lr",), (("server_lr", 0.01),),
+                  (*ADAM, "algorithm.lr=0.05", "algorithm.beta=0.05"))]
+FED_PAIRS = (("fedga-previous", "fedga", 0.5), ("fedga-previous", "fedga", 1.0),
+             ("scaffold-stateful", "scaffold", 0.5), ("scaffold-stateful", "scaffold", 1.0),
+             ("fedavg-adam", "fedavg", 1.0), ("fedga-adam", "fedga", 1.0))
 
 
 DC = [Method("lbsgd", "lbsgd", base=(("lr", 0.2),)),
       Method("lbsgd-2x-batch", "lbsgd", base=(("lr", 0.2),), overrides=("algorithm.local_batch_size=128",)),
       Method("gradalign", "gradalign", ("lr", "beta"), (("lr", 0.2),)),
       Method("scaffold", "scaffold", base=(("lr", 0.2),))]
+DC_EXT = [Method("gradalign-previous", "gradalign", ("lr", "beta"), (("lr", 0.2),),
+                 ("algorithm.global_grad=previous",)),
+          Method("lbsgd-momentum", "lbsgd", base=(("lr", 0.02),), overrides=("algorithm.server_momentum=0.9",)),
+          Method("lbsgd-adam", "lbsgd", ("server_lr",), (("server_lr", 0.01),), (*ADAM, "algorithm.lr=0.2"))]
 
 SETTINGS = {s.name: s for s in [
-    _emnist("het", 60, 1000), _emnist("iid", 60, 300), _emnist("het", "full", 1000), _emnist("iid", "full", 300),
+    _emnist("het", 60, 1000, FED_EXT, FED_PAIRS), _emnist("iid", 60, 300), _emnist("het", "full", 1000), _emnist("iid", "full", 300),
     Setting("emnist-dc", "EMNIST-47 datacenter: 10 workers, one IID shard each, all in every update, "
             "10 x 64 samples per update (Figure 2, bottom, on the CPU)", "configs/offline/emnist-iid-fedavg.yaml",
             ["model.name=mlp", "data.val_fraction=0.1", "partition.num_clients=10", "train.clients_per_round=10",
              "algorithm.local_steps=1", "algorithm.local_batch_size=64", "algorithm.full_grad_batch=full",
              "train.eval_every=20", "train.diagnostics_every=20", "train.checkpoint_every=100"],
-            DC, "lbsgd", 600, 1 / 47,
+            [*DC, *DC_EXT], "lbsgd", 600, 1 / 47,
             note="mlp (784-200-200-47); scaffold with K = 1 takes g_i on the whole shard; "
-                 "lbsgd-2x-batch spends GradAlign's two gradient evaluations per update on one twice-larger batch"),
+                 "lbsgd-2x-batch spends GradAlign's two gradient evaluations per update on one twice-larger batch",
+            pairs=(("gradalign-previous", "gradalign", 1.0),)),
     Setting("cifar10-fed", "CIFAR-10, cnn_cifar, 10 IID clients, all sampled, K = 20, batch 100 (Figure 2, top)",
             "configs/offline/cifar10-iid-fedavg.yaml", [*CIFAR, "algorithm.local_steps=20",
                                                         "algorithm.local_batch_size=100"],
@@ -310,7 +334,7 @@ def search(setting: Setting, method: Method) -> tuple[list[tuple], dict, tuple |
             scores[pt] = [score(setting, r) if r else None for r in res]
         return None not in scores[pt]
 
-    first = [_point(method, lr=k) for k in FIRST_LR]
+    first = [_point(method, **{method.tune[0]: k}) for k in FIRST_LR]  # lr, or the one parameter tuned
     todo = [pt for pt in first if not evaluated(pt)]
     for pt in stored_points(setting, method):
         evaluated(pt)
@@ -507,7 +531,25 @@ def report_tables(setting: Setting) -> tuple[str, dict]:
             lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
             summary["methods"][m.label]["paired"] = {str(rnd): paired(a, at(results[base], rnd)) for rnd in (R, 2 * R)}
         lines += sensitivity(setting, results, summary)
+    lines += pair_table(setting, results, summary)
     return "\n".join(lines) + "\n", {"summary": summary, "results": results, "chosen": chosen}
+
+
+def pair_table(setting: Setting, results: dict, summary: dict) -> list[str]:
+    """The setting's further paired comparisons (``Setting.pairs``), on the reporting seeds."""
+    R, rows = setting.rounds, []
+    for a, b, f in setting.pairs:
+        if a in results and b in results:
+            d, lo, hi = paired([final_test(setting, r, R) for r in results[a]],
+                               [final_test(setting, r, int(f * R)) for r in results[b]])
+            rows.append(f"| {a} ({R} rounds) | {b} ({int(f * R)} rounds) | {100 * d:+.2f} [{100 * lo:+.2f}, "
+                        f"{100 * hi:+.2f}] |")
+            summary.setdefault("pairs", {})[f"{a}@{R} - {b}@{int(f * R)}"] = (d, lo, hi)
+    if not rows:
+        return []
+    return ["", "Further paired comparisons (percentage points, mean and 95% t confidence interval over the "
+            "reporting seeds; positive = the first method better):", "", "| method | against | difference |",
+            "|---|---|---|", *rows]
 
 
 def sensitivity(setting: Setting, results: dict, summary: dict) -> list[str]:

@@ -98,10 +98,14 @@ class Backend:
         """This rank's share of the round's clients: position p goes to rank p % world_size."""
         return clients[self.rank::self.world_size]
 
+    def owner(self, client: int) -> int:
+        """The rank of a client that keeps state across rounds: client i on rank i % world_size
+        every round (the state stays where it is; the load follows the sample)."""
+        return client % self.world_size
+
     def owned(self, clients: list[int]) -> list[int]:
-        """This rank's share when clients keep state across rounds: client i runs on rank
-        i % world_size every round (the state stays where it is; the load follows the sample)."""
-        return [c for c in clients if c % self.world_size == self.rank]
+        """This rank's share of the round's clients that keep state across rounds (:meth:`owner`)."""
+        return [c for c in clients if self.owner(c) == self.rank]
 
     @_collective
     def all_reduce_(self, buf: torch.Tensor, count: bool = True) -> torch.Tensor:
@@ -145,6 +149,15 @@ class Backend:
         out = [None] * self.world_size if self.is_main else None
         dist.gather_object(obj, out, dst=0)
         return out
+
+    @_collective
+    def scatter_from_main(self, objs: list | None):
+        """Rank r receives ``objs[r]`` of rank 0's list (the argument is ignored elsewhere)."""
+        if not self.distributed:
+            return objs[0]
+        out = [None]
+        dist.scatter_object_list(out, objs if self.is_main else None, src=0)
+        return out[0]
 
     @_collective
     def barrier(self) -> None:

@@ -13,7 +13,6 @@ or corrupted file fails its checksum and is skipped in favour of the previous on
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
 import re
@@ -93,25 +92,49 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+class _HashingFile:
+    """A binary file that hashes what is written to it (torch.save streams into it)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(file)`` into a temporary file, fsync it, then rename it over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save(folder: Path, state: dict, keep: int) -> Path:
-    """Write ``state`` as the checkpoint of ``state['round']``; keep the newest ``keep``."""
+    """Write ``state`` as the checkpoint of ``state['round']``; keep the newest ``keep``. The
+    state is streamed to disk and hashed on the way (no copy of it in memory: with stateful
+    SCAFFOLD it holds every client's control variate)."""
     folder.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
     path = folder / f"ckpt-{state['round']:08d}.pt"
+    digest = []
+
+    def write(f):
+        out = _HashingFile(f)
+        torch.save(state, out)
+        digest.append(out.sha.hexdigest())
+
     try:
-        _write_atomic(path, data)
-        _write_atomic(path.with_suffix(".pt.sha256"), hashlib.sha256(data).hexdigest().encode())
+        _write_atomic(path, write)
+        _write_atomic(path.with_suffix(".pt.sha256"), lambda f: f.write(digest[0].encode()))
         _fsync_dir(folder)
     except OSError as e:
         raise CheckpointError(f"cannot write checkpoint {str(path)!r}: {e.strerror or e}; "
@@ -134,11 +157,14 @@ def load_latest(folder: Path) -> Optional[tuple[Path, dict]]:
     (to stderr) and skipped. None when there is none."""
     for path in reversed(list_checkpoints(folder)):
         try:
-            data = path.read_bytes()
             digest = path.with_suffix(".pt.sha256").read_text().strip()
-            if hashlib.sha256(data).hexdigest() != digest:
+            sha = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    sha.update(chunk)
+            if sha.hexdigest() != digest:
                 raise ValueError("checksum mismatch (truncated or corrupted)")
-            return path, torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            return path, torch.load(path, weights_only=True, map_location="cpu", mmap=True)
         except (OSError, ValueError, RuntimeError, EOFError) as e:
             print(f"warning: skipping checkpoint {str(path)!r}: {e}", file=sys.stderr, flush=True)
     return None

@@ -100,7 +100,8 @@ class TrainConfig:
     eval_batch_size: int = _opt(1000, ge=1)
     micro_batch_size: Optional[int] = _opt(None, ge=1)  # split large batches for memory
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
-    executor: str = _opt("sequential", choices=("sequential", "vectorized"))  # vectorized: vmap over clients
+    # vectorized: vmap over a rank's clients; auto: chosen from device, model and clients per rank
+    executor: str = _opt("auto", choices=("auto", "sequential", "vectorized"))
     # bf16: float32 parameters and all-reduces, forward/backward under bfloat16 autocast
     precision: str = _opt("float32", choices=("float32", "float64", "bf16"))
     # bucketed: gradient all-reduces in buckets overlapped with the backward pass (the g pass,

@@ -25,7 +25,7 @@ from .config import Config, ConfigError, dump_config
 from .data import holdout, partition, sample_clients
 from .data.sources import ImageSplit, Source, drop_corrupt, materialize, open_source
 from .data.stream import InMemory, Streamed, choose_storage, find_corrupt
-from .executor import SequentialExecutor, batch_size_of
+from .executor import SequentialExecutor, batch_size_of, choose_executor
 from .models import FlatModel, build_model, evaluate_sums
 from .rundir import RunDirError, RunDirLock, lock_run_dir
 from .tracking import ID_FILE, start_tracker
@@ -111,11 +111,16 @@ class Trainer:
         self.x = self.fm.params.clone()
         be.broadcast_(self.x)
         self.algo = build_algorithm(cfg.algorithm)
+        self.executor_record = choose_executor(cfg.train.executor, dev, module, cfg.train.clients_per_round,
+                                               be.world_size, cfg.train.micro_batch_size)
+        sequential = self.executor_record["executor"] == "sequential"
+        if be.is_main and cfg.train.executor == "auto":
+            print(f"executor: {self.executor_record['executor']} (auto: {self.executor_record['reason']})", flush=True)
         # Bucketed overlap needs a backward pass per client: the sequential executor only.
         overlaps = self.algo.needs_client_grads or self.algo.gradient_form
         self.reducer = (BucketReducer(be, self.fm.param_list, self.fm.grads, int(cfg.train.bucket_mb * 2**20))
-                        if cfg.train.comm == "bucketed" and cfg.train.executor == "sequential" and overlaps else None)
-        if cfg.train.executor == "vectorized":
+                        if cfg.train.comm == "bucketed" and sequential and overlaps else None)
+        if not sequential:
             self.executor = VectorizedExecutor(self.fm, self.data, shards, cfg.seed,
                                                cfg.data.augment, cfg.train.micro_batch_size)
         else:
@@ -311,6 +316,7 @@ class Trainer:
         (run_dir / "partition.json").write_text(json.dumps(
             {"scheme": cfg.partition.scheme, "clients": {str(i): s.tolist() for i, s in enumerate(self.shards_np)}}))
         (run_dir / "data.json").write_text(json.dumps(self.data_record, indent=1))
+        (run_dir / "executor.json").write_text(json.dumps(self.executor_record, indent=1))
         if len(self.val_np):
             (run_dir / "val_indices.json").write_text(json.dumps(
                 {"val_fraction": cfg.data.val_fraction, "indices": self.val_np.tolist()}))
@@ -320,8 +326,6 @@ class Trainer:
         be = self.backend
         self.x.copy_(state["x"])
         self.algo.load_state_dict(state["algorithm"], self.x.device)
-        clients = state.get("clients") or {}
-        self.algo.load_client_state({c: clients[c] for c in be.owned(list(clients))})
         self.counters = Counters(**state["counters"])
         be.bytes_sent = state["bytes"]
         self.last_row = state["last_row"]
@@ -331,11 +335,25 @@ class Trainer:
             print(f"note: checkpoint made with {state['world_size']} ranks, resumed with {be.world_size}: "
                   "process RNG states not restored (training randomness is per client)", flush=True)
 
+    def _gather_client_state(self, chunk: int = 64) -> Optional[dict]:
+        """Every rank's per-client state (stateful SCAFFOLD's c_i) on rank 0, ``chunk`` rows per
+        rank at a time, so that the transient copies stay small; None on the other ranks."""
+        be = self.backend
+        mine = sorted(self.algo.client_state().items())
+        most = max(be.gather_object(len(mine)))
+        out: dict = {}
+        for start in range(0, most, chunk):
+            parts = be.gather_to_main(dict(mine[start:start + chunk]))
+            if be.is_main:
+                for part in parts:
+                    out.update(part)
+        return out if be.is_main else None
+
     def _checkpoint(self, ckpt_dir: Path) -> Optional[Path]:
         """Every rank contributes its RNG states; rank 0 writes."""
         be = self.backend
         rngs = be.gather_object(checkpoint.rng_state())
-        per_client = be.gather_to_main(self.algo.client_state()) if self.algo.keeps_client_state else None
+        per_client = self._gather_client_state() if self.algo.keeps_client_state else None
         if not be.is_main:
             return None
         id_file = Path(self.cfg.run_dir) / ID_FILE
@@ -343,7 +361,7 @@ class Trainer:
                  "counters": asdict(self.counters), "bytes": be.bytes_sent, "rng": rngs,
                  "world_size": be.world_size, "config": self.cfg.to_dict(), "last_row": self.last_row,
                  "wandb_id": id_file.read_text().strip() if id_file.is_file() else None,
-                 "clients": {c: t for part in per_client for c, t in part.items()} if per_client else None}
+                 "clients": per_client}
         return checkpoint.save(ckpt_dir, state, self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ the run
@@ -370,10 +388,19 @@ class Trainer:
                 decision = ("ok", self._prepare(run_dir, ckpt_dir, overwrite, resume))
             except (RunDirError, checkpoint.CheckpointError) as e:
                 decision = ("error", e)
+        # every c_i of stateful SCAFFOLD goes only to the rank that owns the client, not to all
+        clients = decision[1].pop("clients", None) if decision[0] == "ok" and decision[1] else None
         decision = be.broadcast_object(decision)
         if decision[0] == "error":
             raise decision[1]
         if decision[1] is not None:
+            if self.algo.keeps_client_state:
+                parts = None
+                if be.is_main:
+                    parts = [{} for _ in range(be.world_size)]
+                    for cid, row in (clients or {}).items():
+                        parts[be.owner(cid)][cid] = row
+                self.algo.load_client_state(be.scatter_from_main(parts))
             self._restore(decision[1])
         if self.counters.round >= cfg.train.rounds:
             if be.is_main:

@@ -2,6 +2,7 @@
 
 The search is driven here by a synthetic objective written into result files, so that the
 optimum is known; the real runs of the study are its own evidence (BENCHMARKS.md)."""
+import dataclasses
 import math
 import sys
 
@@ -41,8 +42,11 @@ def _drive(setting, objective, max_waves=30):
 
 @pytest.fixture
 def setting(tmp_path, monkeypatch):
+    """emnist-het-mb with the paper's methods (those of issue 12 tune other parameters)."""
     monkeypatch.setattr(study, "RESULTS", tmp_path / "results")
-    return study.SETTINGS["emnist-het-mb"]
+    paper_only = dataclasses.replace(study.SETTINGS["emnist-het-mb"], methods=study.FED, pairs=())
+    monkeypatch.setitem(study.SETTINGS, "emnist-het-mb", paper_only)
+    return paper_only
 
 
 def test_search_brackets_an_optimum_outside_the_first_grid(setting):
@@ -150,3 +154,24 @@ def test_ties_are_the_other_points_within_tolerance():
               (("lr", 2),): [0.05, 0.06], (("lr", 3),): [0.70, None]}
     assert study.ties(scores, (("lr", 0),)) == [(("lr", 1),)]
     assert study.ties(scores, (("lr", 1),)) == [(("lr", 0),)]
+
+
+def test_issue12_methods_tune_their_own_parameter_and_further_pairs_are_reported(tmp_path, monkeypatch):
+    """A method that tunes only the server lr searches along it (its first line, then the
+    neighbours), and the setting's further comparisons read the other method at f x R rounds."""
+    monkeypatch.setattr(study, "RESULTS", tmp_path / "results")
+    setting = study.SETTINGS["emnist-het-mb"]
+
+    def objective(method, e):
+        if "server_lr" in e:
+            return 0.7 - 0.01 * (e["server_lr"] + 2) ** 2  # optimum at server_lr x 2^-2, off the first line
+        return 0.7 - 0.01 * e["lr"] ** 2 - 0.01 * e.get("beta", 0) ** 2 - 0.01 * e.get("mu", 0) ** 2
+
+    chosen = _drive(setting, objective)
+    assert chosen["fedavg-adam"] == (("server_lr", -2),) and chosen["fedga-adam"] == (("server_lr", -2),)
+    assert chosen["fedga-previous"] == (("lr", 0), ("beta", 0))
+    tables, data = study.report_tables(setting)
+    assert "Further paired comparisons" in tables
+    assert "| fedga-previous (1000 rounds) | fedga (500 rounds) | +0.00 [" in tables
+    assert "| scaffold-stateful (1000 rounds) | scaffold (1000 rounds) |" in tables
+    assert set(data["summary"]["pairs"]) == {f"{a}@1000 - {b}@{int(f * 1000)}" for a, b, f in setting.pairs}

@@ -64,3 +64,42 @@ def test_vectorized_matches_sequential_with_previous_global_grad(tmp_path, name)
     xs, _ = _final(tmp_path, "sequential", name, algorithm={"global_grad": "previous"})
     xv, _ = _final(tmp_path, "vectorized", name, algorithm={"global_grad": "previous"})
     torch.testing.assert_close(xv, xs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model, device, per_round, world, micro, expected", [
+    ("mlp", "cpu", 10, 1, None, "vectorized"),     # CPU mlp from 10 clients per rank (1.30x measured)
+    ("mlp", "cpu", 10, 2, None, "sequential"),     # 5 per rank: 0.93x
+    ("mlp", "cpu", 47, 1, 8, "sequential"),        # micro-batches: sequential only
+    ("cnn_emnist", "cpu", 47, 1, None, "sequential"),  # convolutions on CPU: never
+    ("cnn_emnist", "cuda", 10, 2, None, "vectorized"),  # GPU from 5 per rank
+    ("cnn_emnist", "cuda", 10, 4, None, "sequential"),  # 3 per rank
+])
+def test_auto_executor_rule(model, device, per_round, world, micro, expected):
+    from dist_gradalign.config import ModelConfig
+    from dist_gradalign.executor import choose_executor
+    from dist_gradalign.models import build_model
+    module = build_model(ModelConfig(name=model), (1, 28, 28), 47)
+    rec = choose_executor("auto", torch.device(device), module, per_round, world, micro)
+    assert rec["executor"] == expected, rec
+    assert rec["requested"] == "auto" and rec["reason"]
+    assert choose_executor("sequential", torch.device(device), module, per_round, world, None)["executor"] == "sequential"
+
+
+@pytest.mark.parametrize("per_round, expected", [(10, "vectorized"), (4, "sequential")])
+def test_auto_executor_is_recorded_and_runs(tmp_path, per_round, expected):
+    """The default (auto) picks, prints and records the executor; the run equals the explicit one."""
+    import json
+    cfg = base_config(tmp_path / "auto", algorithm={"name": "fedavg", "lr": 0.1, "local_steps": 2},
+                      partition={"scheme": "iid", "num_clients": 10},
+                      train={"rounds": 2, "clients_per_round": per_round})
+    assert cfg.train.executor == "auto"
+    Trainer(cfg).fit()
+    rec = json.loads((tmp_path / "auto" / "run" / "executor.json").read_text())
+    assert rec["executor"] == expected and rec["requested"] == "auto" and rec["clients_per_rank"] == per_round
+    explicit = base_config(tmp_path / expected, algorithm={"name": "fedavg", "lr": 0.1, "local_steps": 2},
+                           partition={"scheme": "iid", "num_clients": 10},
+                           train={"rounds": 2, "clients_per_round": per_round, "executor": expected})
+    Trainer(explicit).fit()
+    from util import load_params
+    a, b = load_params(cfg.run_dir), load_params(explicit.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)

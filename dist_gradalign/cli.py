@@ -29,8 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run_dirs", nargs="+")
     s.add_argument("--target", type=float, default=None,
                    help="test accuracy (0-1) whose first reaching, in updates and comm rounds, is reported")
-    w = sub.add_parser("sweep", help="expand a grid into runs: sequentially via torchrun, or as a SLURM job array")
+    w = sub.add_parser("sweep", help="expand a grid into runs: via torchrun (--per-device N at once), or as a SLURM job array")
     w.add_argument("sweep_file")
+    w.add_argument("--per-device", type=int, default=1, metavar="N",
+                   help="runs at once on each GPU (or group of nproc GPUs); on CPU, N runs sharing the cores")
     w.add_argument("--dry-run", action="store_true", help="list the runs and validate their configs, run nothing")
     w.add_argument("--slurm", action="store_true", help="submit the unfinished runs as one SLURM job array")
     w.add_argument("--sbatch-arg", action="append", default=[], help="extra sbatch argument (repeatable)")
@@ -55,7 +57,9 @@ def _sweep(args: argparse.Namespace) -> int:
         script = Path(args.array_script) if args.array_script else sweep.ARRAY_SCRIPT
         print(sweep.submit_slurm(runs, spec, args.sbatch_arg, script))
         return 0
-    failed = sweep.run_local(runs, spec["nproc"])
+    if args.per_device < 1:
+        raise ConfigError(f"--per-device = {args.per_device} is out of range: must be >= 1")
+    failed = sweep.run_local(runs, spec["nproc"], args.per_device)
     from .summary import summarize
     done = [str(r.run_dir) for r in runs if (r.run_dir / "summary.json").is_file()]
     if done:

@@ -14,16 +14,21 @@ A sweep file::
 
 Each run gets its own run directory and the W&B group ``<name>/<run name without seed>``, so
 the seeds of one configuration are grouped. Finished runs (``summary.json`` present) are
-skipped, so an interrupted sweep is continued by running it again.
+skipped and an interrupted run resumes from its checkpoint, so an interrupted sweep is
+continued by running it again. ``--per-device N`` runs N runs at once on each GPU (the paper's
+models use a few percent of one), or on CPU N runs that split the cores.
 """
 from __future__ import annotations
 
 import itertools
 import os
+import queue
 import shlex
 import shutil
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,21 +99,67 @@ def expand(spec: dict) -> list[Run]:
     return runs
 
 
-def run_local(runs: list[Run], nproc: int) -> list[Run]:
-    """Run each unfinished run through torchrun, one after another; returns the failed ones."""
-    failed = []
+def slots(nproc: int, per_device: int) -> list[dict[str, str]]:
+    """The environment of each run that may run at once: on a GPU machine, the GPUs in groups of
+    ``nproc`` (one per rank), ``per_device`` runs on each group; on CPU, ``per_device`` runs that
+    split the cores between their ranks (``OMP_NUM_THREADS``)."""
+    import torch
+    gpus = torch.cuda.device_count()
+    if gpus >= nproc:
+        groups = [",".join(map(str, range(g * nproc, (g + 1) * nproc))) for g in range(gpus // nproc)]
+        return [{"CUDA_VISIBLE_DEVICES": group} for group in groups for _ in range(per_device)]
+    if gpus:  # fewer GPUs than ranks: the ranks share them, as torchrun would place them
+        return [{} for _ in range(per_device)]
+    threads = max(1, len(os.sched_getaffinity(0)) // (per_device * nproc))
+    return [{"OMP_NUM_THREADS": str(threads)} for _ in range(per_device)]
+
+
+def run_local(runs: list[Run], nproc: int, per_device: int = 1) -> list[Run]:
+    """Run each unfinished run through torchrun, ``per_device`` at a time on each GPU (or group
+    of ``nproc`` GPUs; on CPU, sharing the cores); returns the failed ones. A run with a
+    checkpoint resumes from it; with more than one at a time, each run's output goes to
+    ``<run_dir>.log``."""
+    todo = []
     for i, run in enumerate(runs, 1):
         if (run.run_dir / "summary.json").is_file():
             print(f"[{i}/{len(runs)}] {run.name}: finished before, skipped", flush=True)
-            continue
-        print(f"[{i}/{len(runs)}] {run.name}", flush=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "dist_gradalign", "train", *run.args, "--overwrite"]
-        env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see slurm/common.sh
-        if subprocess.run(cmd, env=env).returncode != 0:
-            print(f"[{i}/{len(runs)}] {run.name}: FAILED", file=sys.stderr, flush=True)
-            failed.append(run)
-    return failed
+        else:
+            todo.append((i, run))
+    free: queue.Queue = queue.Queue()
+    for env in slots(nproc, per_device):
+        free.put(env)
+    packed = free.qsize() > 1
+    failed, lock = [], threading.Lock()
+
+    def one(i: int, run: Run) -> None:
+        env = free.get()
+        try:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "dist_gradalign", "train", *run.args]
+            full_env = {**os.environ, **env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see slurm/common.sh
+            if packed:
+                log = run.run_dir.with_name(run.run_dir.name + ".log")
+                log.parent.mkdir(parents=True, exist_ok=True)
+                print(f"[{i}/{len(runs)}] {run.name}: started ({' '.join(f'{k}={v}' for k, v in env.items())}; "
+                      f"output in {log})", flush=True)
+                with open(log, "a") as out:
+                    rc = subprocess.run(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT).returncode
+            else:
+                print(f"[{i}/{len(runs)}] {run.name}", flush=True)
+                rc = subprocess.run(cmd, env=full_env).returncode
+            if rc != 0:
+                with lock:
+                    failed.append(run)
+                print(f"[{i}/{len(runs)}] {run.name}: FAILED", file=sys.stderr, flush=True)
+            elif packed:
+                print(f"[{i}/{len(runs)}] {run.name}: finished", flush=True)
+        finally:
+            free.put(env)
+
+    with ThreadPoolExecutor(max_workers=max(1, free.qsize())) as pool:
+        for future in [pool.submit(one, i, run) for i, run in todo]:
+            future.result()
+    return sorted(failed, key=runs.index)
 
 
 def write_runs_file(runs: list[Run], path: Path) -> Path:

@@ -84,3 +84,35 @@ def test_dry_run_lists_runs(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("3 runs")
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_packed_sweep_runs_two_at_once_and_resumes_an_interrupted_run(tmp_path):
+    """--per-device 2 on CPU: two runs at a time, each with half the cores and its own log;
+    run again, a finished run is skipped and an interrupted one resumes from its checkpoint."""
+    import os
+    from dist_gradalign import checkpoint
+    path = _sweep(tmp_path, {"algorithm.lr": [0.05, 0.1, 0.2]}, overrides=["train.checkpoint_every=1"])
+    cmd = [sys.executable, "-m", "dist_gradalign", "sweep", str(path), "--per-device", "2"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    root = tmp_path / "sweeps" / "demo"
+    for name in ("lr=0.05", "lr=0.1", "lr=0.2"):
+        assert f"{name}: started (OMP_NUM_THREADS={threads}; output in {root / name}.log)" in proc.stdout
+        assert f"{name}: finished" in proc.stdout
+        assert len(run_dir_rows(root / name)) == 2
+        assert "rank(s) ->" in (root / f"{name}.log").read_text()
+    # interrupt lr=0.1 after round 1: no summary, the round-2 checkpoint gone
+    (root / "lr=0.1" / "summary.json").unlink()
+    checkpoint.list_checkpoints(root / "lr=0.1" / "checkpoints")[-1].unlink()
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("finished before, skipped") == 2
+    assert "resuming from" in (root / "lr=0.1.log").read_text()
+    assert [r["round"] for r in run_dir_rows(root / "lr=0.1")] == [1, 2]
+
+
+def test_per_device_must_be_positive(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "dist_gradalign", "sweep", str(_sweep(tmp_path, {"seed": [0]})),
+                           "--per-device", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--per-device = 0 is out of range" in proc.stderr

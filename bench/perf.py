@@ -144,9 +144,12 @@ def cifar_like(n: int = 4096) -> str:
 
 
 # ---------------------------------------------------------------- sections
-DC = ["partition.num_clients=8", "train.clients_per_round=8", "algorithm.local_steps=1", "algorithm.lr=0.2"]
+# The executor is pinned (train.executor: auto would vectorize 8-10 clients on a GPU): the
+# sections compare like with like; the overhead section adds the auto executor as its own row.
+DC = ["partition.num_clients=8", "train.clients_per_round=8", "algorithm.local_steps=1", "algorithm.lr=0.2",
+      "train.executor=sequential"]
 FED = ["algorithm.name=fedavg", "algorithm.local_steps=5", "algorithm.local_batch_size=32",
-       "train.clients_per_round=10", "algorithm.lr=0.05"]
+       "train.clients_per_round=10", "algorithm.lr=0.05", "train.executor=sequential"]
 
 
 def ratio_rows(dev: str, reps: int) -> list[dict]:
@@ -170,10 +173,17 @@ def ratio_rows(dev: str, reps: int) -> list[dict]:
 
 
 def overhead_rows(dev: str, reps: int) -> list[dict]:
-    fa, bare = trainer(dev, *FED), trainer(dev, *FED)
-    t_fa, t_bare = alternate(round_fn(fa), bare_fedavg(bare), reps, dev)
-    return [{"what": "fedavg round, trainer / bare loop", "config": "cnn_emnist, 10 clients, K=5, batch 32",
-             "a_s": t_fa, "b_s": t_bare, "ratio": t_fa / t_bare, "limit": 1.0}]
+    """The trainer's FedAvg round against the bare loop: eager (sequential), with
+    ``train.compile`` (the local step as one compiled graph), and with ``train.executor: auto``."""
+    rows = []
+    for label, extra in (("", ()), (" (train.compile)", ("train.compile=true",)),
+                         (" (executor auto)", ("train.executor=auto",))):
+        fa, bare = trainer(dev, *FED, *extra), trainer(dev, *FED)
+        t_fa, t_bare = alternate(round_fn(fa), bare_fedavg(bare), reps, dev)
+        rows.append({"what": f"fedavg round, trainer{label} / bare loop", "config": "cnn_emnist, 10 clients, K=5, "
+                     f"batch 32, executor {fa.executor_record['executor']}", "a_s": t_fa, "b_s": t_bare,
+                     "ratio": t_fa / t_bare, "limit": 1.0})
+    return rows
 
 
 def profile_rows(dev: str, reps: int) -> list[dict]:

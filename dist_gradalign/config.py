@@ -102,6 +102,8 @@ class TrainConfig:
     device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
     # vectorized: vmap over a rank's clients; auto: chosen from device, model and clients per rank
     executor: str = _opt("auto", choices=("auto", "sequential", "vectorized"))
+    # torch.compile the local step's forward and backward as one graph (eager is the reference)
+    compile: bool = _opt(False)
     # bf16: float32 parameters and all-reduces, forward/backward under bfloat16 autocast
     precision: str = _opt("float32", choices=("float32", "float64", "bf16"))
     # bucketed: gradient all-reduces in buckets overlapped with the backward pass (the g pass,

@@ -107,7 +107,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # the same initial x on every rank
         module = build_model(cfg.model, src.train.input_shape, src.num_classes).to(dev, dtype)
-        self.fm = FlatModel(module, autocast=cfg.train.precision == "bf16")
+        self.fm = FlatModel(module, autocast=cfg.train.precision == "bf16", compile=cfg.train.compile)
         self.x = self.fm.params.clone()
         be.broadcast_(self.x)
         self.algo = build_algorithm(cfg.algorithm)

@@ -10,6 +10,7 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value
 
 from .config import ConfigError, ModelConfig
 
@@ -163,7 +164,7 @@ class FlatModel:
     and every communication is one all-reduce of one flat buffer.
     """
 
-    def __init__(self, module: nn.Module, autocast: bool = False):
+    def __init__(self, module: nn.Module, autocast: bool = False, compile: bool = False):
         _check_no_buffers(module)
         self.module = module
         self.autocast = autocast  # forward/backward under bfloat16 autocast (train.precision: bf16)
@@ -183,6 +184,17 @@ class FlatModel:
                 offset += k
         assert offset == n, "shared parameters are not supported"
         self.numel = n
+        self._names = [name for name, _ in module.named_parameters()]
+        self._shapes = [p.shape for p in module.parameters()]
+        self._sizes = [p.numel() for p in module.parameters()]
+        # train.compile: (flat params, x, y) -> (flat gradient, loss) as one torch.compile graph
+        self.compiled = torch.compile(grad_and_value(self.functional_loss)) if compile else None
+
+    def functional_loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of the module with parameters read from ``flat`` (not ``params``): the
+        pure function that ``torch.func`` transforms (vmap over clients, compile)."""
+        tensors = {name: t.view(shape) for name, t, shape in zip(self._names, flat.split(self._sizes), self._shapes)}
+        return forward_loss(self, x, y, forward=lambda inputs: functional_call(self.module, tensors, (inputs,)))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone().cpu() for k, v in self.module.state_dict().items()}
@@ -222,6 +234,10 @@ def loss_and_grad(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, micro_batch: 
     Returns the loss as a 0-dim tensor (no host sync)."""
     n = x.shape[0]
     chunks = num_chunks(n, micro_batch)
+    if chunks == 1 and not hooks and fm.compiled is not None:
+        grads, loss = fm.compiled(fm.params, x, y)
+        fm.grads.copy_(grads)
+        return loss.detach()
     if chunks == 1 and not hooks:
         loss = forward_loss(fm, x, y)
         grads = torch.autograd.grad(loss, fm.param_list)

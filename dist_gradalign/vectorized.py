@@ -13,26 +13,19 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
 from .algorithms import Algorithm, ClientState
 from .executor import SequentialExecutor, local_batches
-from .models import forward_loss
 
 
 class VectorizedExecutor(SequentialExecutor):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        module = self.fm.module
-        self._names = [n for n, _ in module.named_parameters()]
-        self._shapes = [p.shape for _, p in module.named_parameters()]
-        self._sizes = [p.numel() for _, p in module.named_parameters()]
-
-        def loss(flat: torch.Tensor, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            params = {n: t.view(s) for n, t, s in zip(self._names, flat.split(self._sizes), self._shapes)}
-            return forward_loss(self.fm, xb, yb, forward=lambda inputs: functional_call(module, params, (inputs,)))
-
-        self._grads = vmap(grad_and_value(loss))  # (m, n), (m, b, ...), (m, b) -> (m, n), (m,)
+        # (m, n), (m, b, ...), (m, b) -> (m, n), (m,); with train.compile, as one compiled graph
+        self._grads = vmap(grad_and_value(self.fm.functional_loss))
+        if self.fm.compiled is not None:
+            self._grads = torch.compile(self._grads)
 
     def _stacked(self, rnd: int, cids: list[int], positions: list[torch.Tensor], aug_step: int):
         """The group's batches as (m, b, ...) inputs and (m, b) labels: indices gathered on CPU,

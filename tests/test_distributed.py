@@ -63,6 +63,7 @@ def _configs(root, world):
         cfg = from_dict({**out[-1], "run_dir": str(root / "moved" / "run")})
         cfg.train.rounds = 2 if world == 2 else 4
         out.append(cfg.to_dict())
+    add("fedga-compile", "fedga", {"compile": True})
     for name, train in COMM.items():
         add(name + "-flat", name.split("-")[0], {**train, "comm": "flat"})
         if name not in ALGOS:
@@ -90,7 +91,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", [*ALGOS, "gradalign-adam", "fedga-yogi", "fedga-previous",
-                                  "gradalign-previous", "scaffold-stateful", "gradalign-micro", *(n + "-flat" for n in COMM),
+                                  "gradalign-previous", "scaffold-stateful", "fedga-compile", "gradalign-micro", *(n + "-flat" for n in COMM),
                                   "few", "few-gradalign"])
 def test_world_size_invariance(runs, name):
     ref = load_params(runs / "w1" / name / "run")

@@ -74,18 +74,21 @@ def run(clients: int, control: str, world: int, tmp: str) -> dict:
 
 def table(results: list[dict]) -> str:
     base = {(r["clients"], r["world"]): r for r in results if r["control"] == "per_round"}
-    out = ["| clients | ranks | c_i per rank | c_i MB per rank | peak RSS per rank, per_round (MB) | "
-           "peak RSS per rank, stateful (MB) | stateful - per_round (MB) | checkpoint, stateful (MB) |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = ["| clients | ranks | c_i per rank | c_i MB per rank | peak RSS per_round (MB), rank 0 / others | "
+           "peak RSS stateful (MB), rank 0 / others | checkpoint, stateful (MB) |",
+           "|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def peaks(r):
+        ranks = r["ranks"]
+        others = max((x["peak_rss_mb"] for x in ranks[1:]), default=None)
+        return f"{ranks[0]['peak_rss_mb']:.0f}" + ("" if others is None else f" / {others:.0f}")
+
     for r in results:
         if r["control"] != "stateful":
             continue
         b = base[(r["clients"], r["world"])]
-        peak = max(x["peak_rss_mb"] for x in r["ranks"])
-        peak_b = max(x["peak_rss_mb"] for x in b["ranks"])
         out.append(f"| {r['clients']} | {r['world']} | {max(x['rows'] for x in r['ranks'])} | "
-                   f"{max(x['table_mb'] for x in r['ranks']):.1f} | {peak_b:.0f} | {peak:.0f} | {peak - peak_b:+.0f} | "
-                   f"{r['checkpoint_mb']:.1f} |")
+                   f"{max(x['table_mb'] for x in r['ranks']):.1f} | {peaks(b)} | {peaks(r)} | {r['checkpoint_mb']:.1f} |")
     return "\n".join(out)
 
 
@@ -107,8 +110,12 @@ def main() -> None:
                     results.append(run(clients, control, world, tmp))
                     print(json.dumps(results[-1]), flush=True)
     out = REPO / "bench" / "results" / f"scaffold_state-{platform.node()}.json"
-    out.write_text(json.dumps(results, indent=1))
-    print(table(results))
+    key = lambda r: (r["clients"], r["world"], r["control"])  # noqa: E731
+    old = {key(r): r for r in json.loads(out.read_text())} if out.is_file() else {}
+    old.update({key(r): r for r in results})  # earlier measurements of other cases are kept
+    merged = sorted(old.values(), key=key)
+    out.write_text(json.dumps(merged, indent=1))
+    print(table(merged))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ per round, K = 5, 40 rounds; or cnn_emnist with ``--model``) with ``dist-gradali
 of ``--repeats`` is reported, with the ratio to N = 1 computed per repeat. On CPU run it on an
 otherwise idle machine.
 
-Results go to ``bench/results/sweep_pack-<host>.json`` and print as a markdown table.
+Results go to ``bench/results/sweep_pack-<host>-<device>-<model>.json`` and print as a markdown table.
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def main() -> None:
                 print(f"repeat {rep + 1}: --per-device {n}: {times[n][-1]:.1f} s", flush=True)
     result = {"machine": platform.node(), "device": args.device, "model": args.model, "runs": args.runs,
               "times_s": {str(n): t for n, t in times.items()}}
-    out = REPO / "bench" / "results" / f"sweep_pack-{platform.node()}-{args.device}.json"
+    out = REPO / "bench" / "results" / f"sweep_pack-{platform.node()}-{args.device}-{args.model}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"| --per-device | sweep of {args.runs} runs, wall s (median; runs) | runs per hour | "
           "speed-up vs 1 (median of per-repeat ratios) |\n|---:|---|---:|---:|")

@@ -68,6 +68,26 @@ def test_vectorized_matches_sequential_on_cuda(tmp_path, images):
     torch.testing.assert_close(xs["vectorized"], xs["sequential"], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("executor", ["sequential", "vectorized"])
+def test_compile_agrees_with_eager_on_cuda(tmp_path, images, executor):
+    """train.compile on the GPU: fused kernels, so a tolerance (cuDNN's own orders besides)."""
+    xs = {}
+    for compile in (False, True):
+        t = Trainer(_cfg(tmp_path / f"{executor}-{compile}", images, "fedga", executor=executor, compile=compile),
+                    Backend.from_env("cuda"))
+        for r in (1, 2, 3):
+            t.run_round(r)
+        xs[compile] = t.x
+    torch.testing.assert_close(xs[True], xs[False], rtol=1e-3, atol=1e-4)
+
+
+def test_auto_executor_vectorizes_from_five_clients_per_rank_on_cuda(tmp_path, images):
+    for per_round, expected in ((4, "sequential"), (5, "vectorized")):
+        t = Trainer(_cfg(tmp_path / str(per_round), images, "fedavg", clients_per_round=per_round),
+                    Backend.from_env("cuda"))
+        assert t.executor_record["executor"] == expected, t.executor_record
+
+
 def test_bf16_autocast_trains_like_float32(tmp_path, images):
     acc = {}
     for precision in ("float32", "bf16"):

@@ -14,6 +14,9 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     NPROC_PER_NODE=1
 
+# train.compile: inductor (CPU) and triton (GPU) build their kernels with a C compiler
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /workspace
 COPY setup.cfg pyproject.toml README.md ./
 COPY dist_gradalign ./dist_gradalign

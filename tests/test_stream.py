@@ -238,19 +238,28 @@ def test_streamed_non_finite_sample_is_named(tmp_path):
         fit(cfg)
 
 
-def test_a_rank_plans_reads_of_its_own_clients_only(tmp_path, folder):
+@pytest.mark.parametrize("control", ["per_round", "stateful"])
+def test_a_rank_plans_reads_of_its_own_clients_only(tmp_path, folder, control):
     """Rank 1 of 2 (collectives are identities here): every planned read lies in the shards of
-    the clients assigned to rank 1 that round, and evaluation reads rank 1's slices only."""
+    the clients rank 1 runs that round (by position; with stateful SCAFFOLD, the clients it
+    owns), and evaluation reads rank 1's slices only."""
     from dist_gradalign.backend import Backend
 
-    cfg = cfg_for(tmp_path, folder, "fedga", "stream")
+    cfg = cfg_for(tmp_path, folder, "scaffold", "stream")
+    cfg.algorithm.control = control
     t = Trainer(cfg, Backend(rank=1, world_size=2))
+    checked = 0
     for rnd in range(1, 5):
-        mine = t.backend.assigned(t.round_clients(rnd))
+        clients = t.round_clients(rnd)
+        mine = t.backend.owned(clients) if control == "stateful" else t.backend.assigned(clients)
+        if not mine:
+            continue
+        checked += 1
         allowed = np.concatenate([t.shards_np[c] for c in mine])
         reads = torch.cat([r.reshape(-1) for r in t._reads(rnd)]).numpy()
         assert len(reads) and np.isin(reads, allowed).all()
         others = np.concatenate([t.shards_np[c] for c in t.round_clients(rnd) if c not in mine])
         assert not np.isin(reads, others).any()
+    assert checked >= 3
     assert t.data.eval_idx["test"][1].tolist() == list(range(1, 24, 2))
     assert t.data.eval_idx["val"][1].tolist() == t.val_np[1::2].tolist()

@@ -403,10 +403,13 @@ class Trainer:
                 self.algo.load_client_state(be.scatter_from_main(parts))
             self._restore(decision[1])
         if self.counters.round >= cfg.train.rounds:
+            summary = self._summary()
             if be.is_main:
+                if not ((run_dir / "model.pt").is_file() and (run_dir / "summary.json").is_file()):
+                    self._write_final(run_dir, summary)  # the run stopped between its last checkpoint and these
                 print(f"{run_dir}: finished at round {self.counters.round}; nothing to do "
                       "(raise train.rounds to continue, or pass --overwrite)", flush=True)
-            return self._summary()
+            return summary
 
         metrics = open(run_dir / "metrics.jsonl", "a") if be.is_main else None
         tracker = start_tracker(cfg, run_dir, fresh=overwrite) if be.is_main else None
@@ -456,13 +459,17 @@ class Trainer:
         if tracker:
             tracker.finish(summary)
         if be.is_main:
-            self.fm.params.copy_(self.x)
-            torch.save(self.fm.state_dict(), run_dir / "model.pt")
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+            self._write_final(run_dir, summary)
             print(f"{cfg.algorithm.name}: {summary['round']} rounds, {summary['updates']} updates, "
                   f"test_acc {summary['test_acc']:.4f}, test_loss {summary['test_loss']:.4f}, "
                   f"{summary['time']:.1f}s, {be.world_size} rank(s) -> {run_dir}", flush=True)
         return summary
+
+    def _write_final(self, run_dir: Path, summary: dict) -> None:
+        """Rank 0: the final parameters (``model.pt``) and ``summary.json``."""
+        self.fm.params.copy_(self.x)
+        torch.save(self.fm.state_dict(), run_dir / "model.pt")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
     def _summary(self) -> dict:
         row = self.last_row

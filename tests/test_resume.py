@@ -175,3 +175,18 @@ def test_stateful_scaffold_resumes_bit_identical(tmp_path):
     _stop_at_3_then_resume(tmp_path, "scaffold", {"control": "stateful"}, "control")
     state = torch.load(checkpoint.list_checkpoints(tmp_path / "part" / "run" / "checkpoints")[-1], weights_only=True)
     assert state["clients"] and all(t.abs().sum() > 0 for t in state["clients"].values())
+
+
+def test_a_run_stopped_after_its_last_checkpoint_writes_its_outputs_when_run_again(tmp_path):
+    """Killed between the final checkpoint and model.pt/summary.json: running it again writes
+    them from the checkpoint (and trains nothing), so a sweep does not redo it forever."""
+    cfg = _cfg(tmp_path, "fedavg", rounds=4)
+    Trainer(cfg).fit()
+    run_dir = Path(cfg.run_dir)
+    model, summary = (run_dir / "model.pt").read_bytes(), (run_dir / "summary.json").read_text()
+    (run_dir / "model.pt").unlink()
+    (run_dir / "summary.json").unlink()
+    Trainer(cfg).fit()
+    assert (run_dir / "summary.json").read_text() == summary
+    assert (run_dir / "model.pt").read_bytes() == model
+    assert [r["round"] for r in run_dir_rows(run_dir)] == [1, 2, 3, 4]

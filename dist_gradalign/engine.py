@@ -337,13 +337,18 @@ class Trainer:
 
     def _gather_client_state(self, chunk: int = 64) -> Optional[dict]:
         """Every rank's per-client state (stateful SCAFFOLD's c_i) on rank 0, ``chunk`` rows per
-        rank at a time, so that the transient copies stay small; None on the other ranks."""
+        rank at a time, so that the transient copies stay small; None on the other ranks. (A
+        single rank's rows go to ``torch.save`` as they are: views, whose blocks it writes once.)"""
         be = self.backend
-        mine = sorted(self.algo.client_state().items())
+        state = self.algo.client_state()
+        if not be.distributed:
+            return state
+        mine = sorted(state.items())
         most = max(be.gather_object(len(mine)))
         out: dict = {}
         for start in range(0, most, chunk):
-            parts = be.gather_to_main(dict(mine[start:start + chunk]))
+            # copies: a pickled view would carry its whole block
+            parts = be.gather_to_main({c: t.clone() for c, t in mine[start:start + chunk]})
             if be.is_main:
                 for part in parts:
                     out.update(part)

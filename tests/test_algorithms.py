@@ -198,9 +198,10 @@ def test_stateful_scaffold_matches_numpy_reference(tmp_path, executor):
     assert all("grad_variance" not in r for r in rows)
     # c = sum_i p_i c_i over all clients, with p_i = n_i / sum_j n_j
     p = {c: len(shards[c]) / sum(len(s) for s in shards) for c in range(4)}
-    c_sum = sum(p[c] * t.algo.client_controls[c] for c in t.algo.client_controls)
+    rows = t.algo.client_state()
+    c_sum = sum(p[c] * rows[c] for c in rows)
     torch.testing.assert_close(t.algo.control.cpu(), c_sum, rtol=1e-10, atol=1e-12)
-    assert sorted(t.algo.client_controls) == sorted(set(seen))
+    assert sorted(rows) == sorted(set(seen))
 
 
 @pytest.mark.parametrize("opt", ["adam", "yogi", "adagrad"])
@@ -435,3 +436,16 @@ def test_previous_global_grad_approaches_fresh_as_steps_shrink(tmp_path, name):
     assert gaps[0] > 1e-4, gaps  # the two differ at the largest steps
     ratios = [b / a for a, b in zip(gaps, gaps[1:])]
     assert all(r < 0.75 for r in ratios) and ratios[-1] < 0.6, (gaps, ratios)
+
+
+def test_client_rows_are_written_in_place_in_blocks():
+    from dist_gradalign.algorithms.scaffold import ClientRows
+    rows = ClientRows(block=2)
+    assert rows.get(5) is None and len(rows) == 0
+    for cid in (7, 3, 9):
+        rows.set(cid, torch.full((4,), float(cid)))
+    assert len(rows.blocks) == 2 and len(rows) == 3
+    first = rows.get(7)
+    rows.set(7, torch.full((4,), -1.0))  # in place: the same memory
+    assert rows.get(7).data_ptr() == first.data_ptr() and rows.get(7).tolist() == [-1.0] * 4
+    assert [c for c, _ in rows.items()] == [3, 7, 9] and rows.get(9).tolist() == [9.0] * 4

@@ -26,13 +26,41 @@ import torch
 from .base import Algorithm, ClientState
 
 
+class ClientRows:
+    """Per-client vectors (stateful SCAFFOLD's c_i) on the host, in blocks of ``block`` rows
+    allocated once: a client's row is written in place each round. (One allocation per vector,
+    interleaved with the round's transients of the same size, fragmented the heap to twice the
+    table's size.) An absent client's row is 0."""
+
+    def __init__(self, block: int = 64):
+        self.block, self.blocks, self.slots = block, [], {}
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def get(self, cid: int) -> Optional[torch.Tensor]:
+        slot = self.slots.get(cid)
+        return None if slot is None else self.blocks[slot // self.block][slot % self.block]
+
+    def set(self, cid: int, row: torch.Tensor) -> None:
+        if cid not in self.slots:
+            if len(self.slots) == len(self.blocks) * self.block:
+                self.blocks.append(torch.empty(self.block, row.numel(), dtype=row.dtype))
+            self.slots[cid] = len(self.slots)
+        self.get(cid).copy_(row)
+
+    def items(self) -> list[tuple[int, torch.Tensor]]:
+        """(client, row) in client order; the rows are views into the blocks."""
+        return [(cid, self.get(cid)) for cid in sorted(self.slots)]
+
+
 class Scaffold(Algorithm):
     name = "scaffold"
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.control: Optional[torch.Tensor] = None  # stateful: the server's c (None = 0)
-        self.client_controls: dict[int, torch.Tensor] = {}  # stateful: c_i of this rank's clients, on the host
+        self.client_controls = ClientRows()  # stateful: c_i of this rank's clients, on the host
 
     @property
     def keeps_client_state(self) -> bool:
@@ -67,11 +95,9 @@ class Scaffold(Algorithm):
         change = (c.x - y).div_(self.local_steps() * self.cfg.lr)
         if self.control is not None:
             change.sub_(self.control)
-        new = (c.control + change).cpu()
-        if isinstance(c.cid, tuple):
-            self.client_controls.update((i, row.clone()) for i, row in zip(c.cid, new))  # not views of one block
-        else:
-            self.client_controls[c.cid] = new
+        new = c.control + change
+        for i, row in zip(c.cid, new) if isinstance(c.cid, tuple) else [(c.cid, new)]:
+            self.client_controls.set(i, row)
         return change
 
     def after_round(self, x, avg, uploads=None, fraction=1.0) -> None:
@@ -93,7 +119,9 @@ class Scaffold(Algorithm):
         self.control = None if c is None else c.to(device)
 
     def client_state(self) -> dict[int, torch.Tensor]:
-        return dict(self.client_controls)
+        return dict(self.client_controls.items())
 
     def load_client_state(self, rows: dict[int, torch.Tensor]) -> None:
-        self.client_controls = {int(k): v.clone() for k, v in rows.items()}
+        self.client_controls = ClientRows()
+        for cid, row in sorted(rows.items()):
+            self.client_controls.set(int(cid), row)

@@ -337,15 +337,15 @@ class Trainer:
 
     def _gather_client_state(self, chunk: int = 64) -> Optional[dict]:
         """Every rank's per-client state (stateful SCAFFOLD's c_i) on rank 0, ``chunk`` rows per
-        rank at a time, so that the transient copies stay small; None on the other ranks. (A
-        single rank's rows go to ``torch.save`` as they are: views, whose blocks it writes once.)"""
+        rank at a time, so that the transient copies stay small; None on the other ranks. (Rank
+        0's own rows go to ``torch.save`` as they are: views, whose blocks it writes once.)"""
         be = self.backend
         state = self.algo.client_state()
-        if not be.distributed:
+        if be.world_size == 1:
             return state
-        mine = sorted(state.items())
+        mine = [] if be.is_main else sorted(state.items())  # rank 0's own rows are not sent
         most = max(be.gather_object(len(mine)))
-        out: dict = {}
+        out: dict = dict(state) if be.is_main else {}
         for start in range(0, most, chunk):
             # copies: a pickled view would carry its whole block
             parts = be.gather_to_main({c: t.clone() for c, t in mine[start:start + chunk]})

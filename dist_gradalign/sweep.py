@@ -163,9 +163,10 @@ def run_local(runs: list[Run], nproc: int, per_device: int = 1) -> list[Run]:
 
 
 def write_runs_file(runs: list[Run], path: Path) -> Path:
-    """One line per run: the shell-quoted arguments of `dist-gradalign train` (for the job array)."""
+    """One line per run: the shell-quoted arguments of `dist-gradalign train` (for the job array).
+    Without ``--overwrite``: a task that Slurm requeues after preemption resumes its checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(shlex.join([*r.args, "--overwrite"]) + "\n" for r in runs))
+    path.write_text("".join(shlex.join(r.args) + "\n" for r in runs))
     return path
 
 

@@ -354,6 +354,17 @@ class Trainer:
                     out.update(part)
         return out if be.is_main else None
 
+    def _scatter_client_state(self, rows: Optional[dict]) -> None:
+        """From rank 0's checkpoint ``rows`` (ignored elsewhere), each rank loads the per-client
+        state of the clients it owns now (the inverse of :meth:`_gather_client_state`)."""
+        be = self.backend
+        parts = None
+        if be.is_main:
+            parts = [{} for _ in range(be.world_size)]
+            for cid, row in (rows or {}).items():
+                parts[be.owner(cid)][cid] = row
+        self.algo.load_client_state(be.scatter_from_main(parts))
+
     def _checkpoint(self, ckpt_dir: Path) -> Optional[Path]:
         """Every rank contributes its RNG states; rank 0 writes."""
         be = self.backend
@@ -400,12 +411,7 @@ class Trainer:
             raise decision[1]
         if decision[1] is not None:
             if self.algo.keeps_client_state:
-                parts = None
-                if be.is_main:
-                    parts = [{} for _ in range(be.world_size)]
-                    for cid, row in (clients or {}).items():
-                        parts[be.owner(cid)][cid] = row
-                self.algo.load_client_state(be.scatter_from_main(parts))
+                self._scatter_client_state(clients)
             self._restore(decision[1])
         if self.counters.round >= cfg.train.rounds:
             summary = self._summary()

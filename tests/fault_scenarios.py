@@ -28,6 +28,7 @@ from util import REPO, load_params, run_dir_rows  # noqa: E402
 
 LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 TIMEOUT = 120  # seconds for one torchrun: a scenario that has not ended by then is a hang
+ROUNDS = 100  # a run's rounds: the scenarios stop it at round 6 or 10
 
 
 def torchrun(args: list[str], env_extra: dict | None = None) -> subprocess.Popen:
@@ -75,7 +76,7 @@ def worker_pid(marker: str, rank: int) -> int:
     return found[0]
 
 
-def wait_rows(run_dir: Path, n: int, procs, describe=None, timeout: float = 240) -> None:
+def wait_rows(run_dir: Path, n: int, procs, describe=None, timeout: float = 240, poll: float = 0.2) -> None:
     """Wait until ``run_dir`` has ``n`` metrics rows while every process of ``procs`` (one or a
     list) runs; ``describe()`` says what went wrong (default: the first process's stderr)."""
     procs = procs if isinstance(procs, list) else [procs]
@@ -89,13 +90,28 @@ def wait_rows(run_dir: Path, n: int, procs, describe=None, timeout: float = 240)
                 return
         except (FileNotFoundError, ValueError):
             pass
-        time.sleep(0.2)
+        time.sleep(poll)
     raise AssertionError("timed out waiting for rounds")
+
+
+def freeze_at(run_dir: Path, n: int, proc: subprocess.Popen, marker: str) -> dict[int, int]:
+    """SIGSTOP both ranks as soon as ``run_dir`` has ``n`` metrics rows, so that what the
+    scenario does next lands at a known point of a run that cannot end meanwhile (its rounds take
+    milliseconds: a signal sent to a running group can arrive after the last round). Returns
+    {rank: pid}; the scenario sends SIGCONT."""
+    wait_rows(run_dir, 1, proc)
+    ranks = {rank: worker_pid(marker, rank) for rank in (0, 1)}
+    wait_rows(run_dir, n, proc, poll=0.005)
+    for pid in ranks.values():
+        os.kill(pid, signal.SIGSTOP)
+    rows = len(run_dir_rows(run_dir))
+    assert rows < ROUNDS, f"the run reached round {rows} of {ROUNDS} before it was stopped"
+    return ranks
 
 
 def cli_cfg(root: Path, name: str, **train) -> Path:
     path = root / f"{name}.yaml"
-    t = {"rounds": 30, "clients_per_round": 4, "eval_every": 5, "checkpoint_every": 4, "progress": False, **train}
+    t = {"rounds": ROUNDS, "clients_per_round": 4, "eval_every": 5, "checkpoint_every": 4, "progress": False, **train}
     path.write_text(f"run_dir: {root / name}\ndata: {{source: digits}}\nmodel: {{name: mlp, hidden: [64]}}\n"
                     "partition: {num_clients: 8}\nalgorithm: {name: fedga, beta: 0.1, local_steps: 4, "
                     f"local_batch_size: 32}}\ntrain: {t}\n".replace("'", ""))
@@ -123,12 +139,14 @@ def sigterm_one_rank(root: Path, name: str) -> None:
     the same command resumes to the end."""
     cfg = cli_cfg(root, name)
     proc = torchrun(["-m", "dist_gradalign", "train", str(cfg)])
-    wait_rows(root / name, 6, proc)
-    os.kill(worker_pid(str(cfg), rank=1), signal.SIGTERM)
+    ranks = freeze_at(root / name, 6, proc, str(cfg))
+    os.kill(ranks[1], signal.SIGTERM)
+    for pid in ranks.values():
+        os.kill(pid, signal.SIGCONT)
     _, err = finish(proc, str(cfg))
     assert proc.returncode != 0 and "preempted: stopped by a signal after round" in err, err[-2000:]
     stopped_at = len(run_dir_rows(root / name))
-    assert 6 <= stopped_at < 30
+    assert 6 <= stopped_at < ROUNDS
     again = torchrun(["-m", "dist_gradalign", "train", str(cfg)])
     out, err = finish(again, str(cfg))
     assert again.returncode == 0, err[-2000:]
@@ -140,8 +158,9 @@ def kill_one_rank(root: Path, name: str) -> None:
     the last checkpoint."""
     cfg = cli_cfg(root, name)
     proc = torchrun(["--max-restarts=3", "-m", "dist_gradalign", "train", str(cfg)])
-    wait_rows(root / name, 10, proc)
-    os.kill(worker_pid(str(cfg), rank=1), signal.SIGKILL)
+    ranks = freeze_at(root / name, 10, proc, str(cfg))
+    os.kill(ranks[1], signal.SIGKILL)
+    os.kill(ranks[0], signal.SIGCONT)
     out, err = finish(proc, str(cfg))
     assert proc.returncode == 0, err[-2000:]
     assert "resuming from" in out
@@ -153,12 +172,11 @@ def hang_one_rank(root: Path, name: str) -> None:
     resumes from the last checkpoint."""
     cfg = cli_cfg(root, name, timeout_s=5)
     proc = torchrun(["-m", "dist_gradalign", "train", str(cfg)])
-    wait_rows(root / name, 6, proc)
-    rank1 = worker_pid(str(cfg), rank=1)
-    os.kill(rank1, signal.SIGSTOP)
+    ranks = freeze_at(root / name, 6, proc, str(cfg))
+    os.kill(ranks[0], signal.SIGCONT)  # rank 1 stays stopped
     deadline = time.time() + 60
     time.sleep(8)  # past rank 0's 5 s timeout
-    os.kill(rank1, signal.SIGCONT)  # let it see its peer gone and exit
+    os.kill(ranks[1], signal.SIGCONT)  # let it see its peer gone and exit
     _, err = finish(proc, str(cfg))
     assert time.time() < deadline
     assert proc.returncode != 0 and "error: a collective operation failed" in err and "train.timeout_s" in err, \

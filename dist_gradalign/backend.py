@@ -10,6 +10,7 @@ during the backward pass: :class:`BucketReducer`) and counts the bytes it moved.
 from __future__ import annotations
 
 import datetime
+import importlib
 import functools
 import itertools
 import os
@@ -58,8 +59,14 @@ class Backend:
     timeout_s: float = 1800.0  # how long a collective may wait for the other ranks
 
     @classmethod
-    def from_env(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Backend":
-        """Join the torchrun process group if there is one; pick the device and thread count."""
+    def from_env(cls, device: str = "auto", timeout_s: float = 1800.0, compile: bool = False) -> "Backend":
+        """Join the torchrun process group if there is one; pick the device and thread count.
+
+        ``compile``: the run will use ``torch.compile`` (``train.compile``). torch._dynamo is then
+        imported before the group exists: imported after, it keeps references to the group that
+        ``destroy_process_group`` cannot drop, so the group's threads outlive :meth:`shutdown`
+        and a rank could abort at exit ("terminate called without an active exception", when a
+        gloo thread frees a finished collective's tensors while Python finalizes)."""
         world = _env_int("WORLD_SIZE", 1)
         rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
         local_world = _env_int("LOCAL_WORLD_SIZE", world)
@@ -85,6 +92,8 @@ class Backend:
                   "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (launch/ and slurm/ do)",
                   file=sys.stderr, flush=True)
         if (world > 1 or launched) and not dist.is_initialized():
+            if compile:
+                importlib.import_module("torch._dynamo")  # before the group: see the docstring
             dist.init_process_group("nccl" if use_cuda else "gloo",
                                     timeout=datetime.timedelta(seconds=timeout_s),
                                     **({"device_id": dev} if use_cuda else {}))

@@ -535,7 +535,7 @@ def _check_writable(run_dir: Path) -> None:
 
 def train(cfg: Config, overwrite: bool = False, resume: str = "auto", backend: Optional[Backend] = None) -> dict:
     """Run a whole training job (the ``train`` command)."""
-    be = backend or Backend.from_env(cfg.train.device, cfg.train.timeout_s)
+    be = backend or Backend.from_env(cfg.train.device, cfg.train.timeout_s, compile=cfg.train.compile)
     try:
         return Trainer(cfg, be).fit(overwrite, resume)
     finally:

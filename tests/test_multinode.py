@@ -136,8 +136,28 @@ def tails(logs: list[Path], n: int = 3000) -> str:
     return "\n".join(f"----- {log.name}\n{log.read_text(errors='replace')[-n:]}" for log in logs if log.exists())
 
 
-def wait_rows(run_dir: Path, n: int, procs: list[subprocess.Popen], logs: list[Path], timeout: float = TIMEOUT):
-    fault_scenarios.wait_rows(run_dir, n, procs, lambda: tails(logs), timeout)
+def freeze_ranks(run_dir: Path, procs: list[subprocess.Popen], logs: list[Path], marker: str) -> dict[int, list[int]]:
+    """SIGSTOP every rank on both nodes as soon as ``run_dir`` has KILL_AT metrics rows, so the
+    failure a test injects next lands at a known round of a run that cannot end meanwhile.
+    Returns {node: rank pids}; the test sends SIGCONT to the survivors."""
+    fault_scenarios.wait_rows(run_dir, 1, procs, lambda: tails(logs), TIMEOUT)
+    def is_rank(pid: int) -> bool:  # python -u -m dist_gradalign train CFG, as the agent starts it
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return argv[1:5] == [b"-u", b"-m", b"dist_gradalign", b"train"]
+
+    ranks = {node: [p for p in node_pids(node, marker) if is_rank(p)] for node in (1, 2)}
+    assert len(ranks[1]) == len(ranks[2]) == 2, ranks
+    fault_scenarios.wait_rows(run_dir, KILL_AT, procs, lambda: tails(logs), TIMEOUT, poll=0.005)
+    for pid in ranks[1] + ranks[2]:
+        os.kill(pid, signal.SIGSTOP)
+    rows = len(run_dir_rows(run_dir))
+    assert rows < ROUNDS, f"the run reached round {rows} of {ROUNDS} before it was stopped"
+    return ranks
+
+
+def resume(pids: list[int]) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
 
 
 def write_cfg(root: Path, name: str) -> Path:
@@ -225,8 +245,9 @@ def test_torchrun_ranks_of_one_node_die_both_nodes_restart(nodes, reference, tmp
     cfg = write_cfg(tmp_path, "run")
     logs = [tmp_path / "node1.log", tmp_path / "node2.log"]
     procs = [agent(n, cfg, "ranks", 29411, logs[n - 1], "--max-restarts", "2") for n in (1, 2)]
-    wait_rows(tmp_path / "run", KILL_AT, procs, logs)
+    ranks = freeze_ranks(tmp_path / "run", procs, logs, str(cfg))
     assert len(kill_node(2, str(cfg), ranks_only=True)) == 2
+    resume(ranks[1])
     assert wait(procs, logs, str(cfg)) == [0, 0], tails(logs)
     assert "resuming from" in logs[0].read_text(), tails(logs)
     assert_equivalent(reference, tmp_path / "run")
@@ -240,8 +261,9 @@ def test_torchrun_whole_node_dies_replacement_agent_resumes(nodes, reference, tm
     cfg = write_cfg(tmp_path, "run")
     logs = [tmp_path / "node1.log", tmp_path / "node2.log", tmp_path / "node2-replacement.log"]
     procs = [agent(n, cfg, "node", 29412, logs[n - 1], "--max-restarts", "2") for n in (1, 2)]
-    wait_rows(tmp_path / "run", KILL_AT, procs, logs)
+    ranks = freeze_ranks(tmp_path / "run", procs, logs, str(cfg))
     assert len(kill_node(2, str(cfg))) == 3  # the agent and its 2 ranks
+    resume(ranks[1])
     assert procs[1].wait(timeout=30) != 0
     stopped_at = len(run_dir_rows(tmp_path / "run"))
     time.sleep(10)
@@ -264,8 +286,9 @@ def test_torchrun_whole_node_dies_survivor_exits_after_join_timeout(nodes, refer
     logs = [tmp_path / "node1.log", tmp_path / "node2.log"]
     extra = ("--max-restarts", "2", "--rdzv_conf", f"join_timeout={join_timeout}")
     procs = [agent(n, cfg, "alone", 29413, logs[n - 1], *extra) for n in (1, 2)]
-    wait_rows(tmp_path / "run", KILL_AT, procs, logs)
+    ranks = freeze_ranks(tmp_path / "run", procs, logs, str(cfg))
     kill_node(2, str(cfg))
+    resume(ranks[1])
     t0 = time.time()
     assert wait(procs[:1], logs, str(cfg), timeout=join_timeout + 60) == [1], tails(logs)
     took = time.time() - t0
@@ -360,12 +383,9 @@ def test_train_sbatch_node_death_ends_job_and_resubmit_resumes(cluster, referenc
     env = slurm_env(DGA_TORCHRUN_ARGS="--max-restarts 2")
     name = f"dga-test-nodedeath-{uuid.uuid4().hex[:8]}"
     proc = sbatch(tmp_path, name, cfg, env, wait_=True)
-    deadline = time.time() + TIMEOUT
-    while time.time() < deadline and not ((tmp_path / "run" / "metrics.jsonl").is_file()
-                                          and len(run_dir_rows(tmp_path / "run")) >= KILL_AT):
-        assert proc.poll() is None, proc.communicate()
-        time.sleep(0.2)
+    ranks = freeze_ranks(tmp_path / "run", [proc], [], str(cfg))
     kill_node(2, str(cfg))
+    resume(ranks[1])
     t0 = time.time()
     rc, job = finish_job(proc, name)
     assert time.time() - t0 < 60

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +105,27 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
 
 
+def rank_pids(marker: str) -> list[int]:
+    """The training ranks (not the agent, srun or the batch shell) whose command line holds MARKER."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if argv[1:5] == ["-u", "-m", "dist_gradalign", "train"] and marker in argv:  # as the agent starts a rank
+            out.append(int(pid))
+    return out
+
+
+def pending(pid: int, sig: int) -> bool:
+    """SIG is pending for process PID (delivered while it is stopped)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(("ShdPnd:", "SigPnd:")) and int(line.split()[1], 16) >> (sig - 1) & 1:
+            return True
+    return False
+
+
 def read_out(path: Path) -> str:
     assert path.is_file(), f"no Slurm output file {path} (have: {sorted(p.name for p in path.parent.iterdir())})"
     return path.read_text()
@@ -182,9 +204,22 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, tmp_pat
     assert job.isdigit(), sub.stderr
     try:
         deadline = time.time() + JOB_TIMEOUT
+        # the ranks are stopped at round 20 until the step's SIGTERM is pending in both, so the
+        # signal lands at a known round of a run that cannot end first (its rounds take ms)
+        ranks = []
+        while time.time() < deadline and len(ranks) < 2:
+            ranks = rank_pids(str(tmp_path / "run.yaml"))
+            time.sleep(0.05)
         while time.time() < deadline and not ((run_dir / "metrics.jsonl").is_file() and len(rows(run_dir)) >= 20):
-            time.sleep(0.2)
+            time.sleep(0.005)
+        for pid in ranks:
+            os.kill(pid, signal.SIGSTOP)
+        assert len(rows(run_dir)) < 400
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True, timeout=30)
+        while time.time() < deadline and not all(pending(pid, signal.SIGTERM) for pid in ranks):
+            time.sleep(0.05)
+        for pid in ranks:
+            os.kill(pid, signal.SIGCONT)
         while time.time() < deadline and not (run_dir / "summary.json").is_file():
             time.sleep(0.5)
         assert (run_dir / "summary.json").is_file(), read_out(tmp_path / f"slurm-{name}-{job}.out")

@@ -10,8 +10,8 @@ during the backward pass: :class:`BucketReducer`) and counts the bytes it moved.
 from __future__ import annotations
 
 import datetime
-import importlib
 import functools
+import importlib
 import itertools
 import os
 import sys

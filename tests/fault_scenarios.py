@@ -52,20 +52,27 @@ def finish(proc: subprocess.Popen, marker: str, timeout: float = TIMEOUT) -> tup
         raise AssertionError(f"torchrun still running after {timeout} s (killed):\n{err[-3000:]}") from None
 
 
+def is_rank(pid: int) -> bool:
+    """PID is a training rank as torchrun starts one (``python -u -m dist_gradalign train CFG``),
+    not an agent (``python -m torch.distributed.run``, ``torchrun``), srun or a batch shell."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return argv[1:5] == [b"-u", b"-m", b"dist_gradalign", b"train"]
+
+
 def pids(marker: str, rank: int | None = None) -> list[int]:
-    """Worker processes (not the torchrun agent) whose command line holds ``marker``,
-    optionally only the one with RANK=rank."""
+    """Training ranks (:func:`is_rank`) whose command line holds ``marker``, optionally only the
+    one with RANK=rank."""
     out = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if marker in cmdline and "torch.distributed.run" not in cmdline and \
-                (rank is None or f"RANK={rank}".encode() in environ):
+        if marker in cmdline and is_rank(int(pid)) and (rank is None or f"RANK={rank}".encode() in environ):
             out.append(int(pid))
     return out
 

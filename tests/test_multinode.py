@@ -141,11 +141,7 @@ def freeze_ranks(run_dir: Path, procs: list[subprocess.Popen], logs: list[Path],
     failure a test injects next lands at a known round of a run that cannot end meanwhile.
     Returns {node: rank pids}; the test sends SIGCONT to the survivors."""
     fault_scenarios.wait_rows(run_dir, 1, procs, lambda: tails(logs), TIMEOUT)
-    def is_rank(pid: int) -> bool:  # python -u -m dist_gradalign train CFG, as the agent starts it
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        return argv[1:5] == [b"-u", b"-m", b"dist_gradalign", b"train"]
-
-    ranks = {node: [p for p in node_pids(node, marker) if is_rank(p)] for node in (1, 2)}
+    ranks = {node: [p for p in node_pids(node, marker) if fault_scenarios.is_rank(p)] for node in (1, 2)}
     assert len(ranks[1]) == len(ranks[2]) == 2, ranks
     fault_scenarios.wait_rows(run_dir, KILL_AT, procs, lambda: tails(logs), TIMEOUT, poll=0.005)
     for pid in ranks[1] + ranks[2]:

@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fault_scenarios  # noqa: E402  (pids: the training ranks of a run)
+
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
 JOB_TIMEOUT = 300  # seconds per sbatch --wait
@@ -103,19 +106,6 @@ def sbatch_wait(args: list[str], cwd: Path, env: dict[str, str], name: str) -> t
 
 def rows(run_dir: Path) -> list[dict]:
     return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-
-
-def rank_pids(marker: str) -> list[int]:
-    """The training ranks (not the agent, srun or the batch shell) whose command line holds MARKER."""
-    out = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        if argv[1:5] == ["-u", "-m", "dist_gradalign", "train"] and marker in argv:  # as the agent starts a rank
-            out.append(int(pid))
-    return out
 
 
 def pending(pid: int, sig: int) -> bool:
@@ -208,7 +198,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(cluster, tmp_pat
         # signal lands at a known round of a run that cannot end first (its rounds take ms)
         ranks = []
         while time.time() < deadline and len(ranks) < 2:
-            ranks = rank_pids(str(tmp_path / "run.yaml"))
+            ranks = fault_scenarios.pids(str(tmp_path / "run.yaml"))
             time.sleep(0.05)
         while time.time() < deadline and not ((run_dir / "metrics.jsonl").is_file() and len(rows(run_dir)) >= 20):
             time.sleep(0.005)

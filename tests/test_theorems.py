@@ -161,3 +161,21 @@ def test_scaffold_fixed_point_is_stationary(trainer):
         rel[name, control] = float(global_grad(trainer, trainer.x, wd).norm()) / g0
     assert rel["scaffold", "stateful"] < 1e-4 and rel["scaffold", "per_round"] < 1e-4, rel
     assert rel["fedavg", "per_round"] > 1e-2, rel
+
+
+@pytest.mark.parametrize("control", ["per_round", "stateful"])
+def test_scaffold_with_one_local_step_and_every_client_is_large_batch_sgd(trainer, control):
+    """With K = 1 and every client in every round, SCAFFOLD's corrections -c_i + c average to zero
+    over the clients (c is their weighted mean), so its update is large-batch SGD's exactly
+    (Theorem 5's alpha^2 K (K - 1) / 2 term vanishes at K = 1): a SCAFFOLD run of Figure 2
+    (bottom) can differ from SGD's only by rounding. Float64, minibatches of 3, 20 rounds."""
+    x0, xs = trainer.x.clone(), {}
+    for name in ("lbsgd", "scaffold"):
+        trainer.algo = build_algorithm(replace(trainer.cfg.algorithm, name=name, control=control, lr=0.3,
+                                               local_steps=1, local_batch_size=3, weight_decay=0.01))
+        trainer.x = x0.clone()
+        for rnd in range(1, 21):
+            trainer.run_round(rnd)
+        xs[name] = trainer.x.clone()
+    assert float((xs["lbsgd"] - x0).norm()) > 0.1
+    assert torch.allclose(xs["scaffold"], xs["lbsgd"], rtol=0, atol=1e-12), (xs["scaffold"] - xs["lbsgd"]).abs().max()

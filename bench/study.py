@@ -111,6 +111,12 @@ EMNIST = ["model.name=mlp", PINNED_EXECUTOR, "data.val_fraction=0.1", "train.eva
           "train.checkpoint_every=50", "algorithm.local_steps=10", "algorithm.full_grad_batch=full"]
 CIFAR = ["data.val_fraction=0.1", "train.eval_every=10", "train.diagnostics_every=10",
          "train.diagnostics_batch=1000", "train.checkpoint_every=10"]
+# Figure 2 on the CPU: the mlp on the raw pixels, without augmentation (a cnn_cifar FedAvg round
+# costs about 4 s on one of these cores; an mlp round without augmentation about 1 s)
+CIFAR_MLP = ["model.name=mlp", PINNED_EXECUTOR, "data.augment=none", "data.val_fraction=0.1", "train.eval_every=10",
+             "train.diagnostics_every=10", "train.diagnostics_batch=1000", "train.checkpoint_every=50"]
+CIFAR_MLP_NOTE = ("mlp (3072-200-200-10) on the raw pixels, without augmentation, instead of cnn_cifar: the CNN "
+                  "cannot reach flat curves on 2 CPU cores")
 
 
 def _emnist(split: str, batch, rounds: int, extra: list[Method] = (), pairs: tuple = ()) -> Setting:
@@ -171,6 +177,22 @@ SETTINGS = {s.name: s for s in [
             "configs/offline/cifar10-datacenter-lbsgd.yaml", CIFAR,
             [Method(m.label, m.algorithm, m.tune, m.base, tuple(o.replace("=128", "=1000") for o in m.overrides))
              for m in DC], "lbsgd", 400, 0.1),
+    Setting("cifar10-fed-mlp", "CIFAR-10, mlp, 10 IID clients, all sampled, K = 20, batch 100 (Figure 2, top, on the CPU)",
+            "configs/offline/cifar10-iid-fedavg.yaml", [*CIFAR_MLP, "algorithm.local_steps=20",
+                                                        "algorithm.local_batch_size=100"],
+            [Method(m.label, m.algorithm, m.tune, (("lr", 0.2),)) for m in FED], "fedavg", 200, 0.1,
+            note=CIFAR_MLP_NOTE),
+    # SCAFFOLD with K = 1 and every worker sampled is large-batch SGD exactly, whatever batch its
+    # control variates use (tests/test_theorems.py): they are taken on 500 samples, not the whole
+    # shard, which would cost 10x SGD's samples for the same update
+    Setting("cifar10-dc-mlp", "CIFAR-10, mlp, 10 workers x 500 samples per update (Figure 2, bottom, on the CPU)",
+            "configs/offline/cifar10-datacenter-lbsgd.yaml", CIFAR_MLP,
+            [Method(m.label, m.algorithm, m.tune, m.base,
+                    tuple(o.replace("=128", "=1000") for o in m.overrides)
+                    + (("algorithm.full_grad_batch=500",) if m.label == "scaffold" else ()))
+             for m in DC], "lbsgd", 400, 0.1,
+            note=CIFAR_MLP_NOTE + "; scaffold's control variates on 500 samples (with K = 1 and every worker in, "
+                 "its update is SGD's whatever their batch)"),
 ]}
 
 

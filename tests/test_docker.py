@@ -15,15 +15,23 @@ def _instructions(name: str) -> list[str]:
     return [line[len(name) + 1:].strip() for line in DOCKERFILE.splitlines() if line.startswith(name + " ")]
 
 
-def test_base_image_is_official_pytorch_cuda_pinned_by_tag():
+def test_base_image_is_official_python_pinned_to_the_tested_minor():
     (image,) = _instructions("FROM")
     repo, _, tag = image.partition(":")
-    assert repo == "pytorch/pytorch"
-    assert re.fullmatch(r"\d+\.\d+\.\d+-cuda\d+\.\d+-cudnn\d+-(runtime|devel)", tag), tag
+    assert repo == "python" and re.fullmatch(r"3\.11-slim", tag), image
+    assert "python_requires = >=3.11" in (REPO / "setup.cfg").read_text()
+
+
+def test_image_installs_the_torch_and_torchvision_that_ci_tests():
+    """The image's torch and torchvision are requirements.txt's pins, installed before the
+    package so that `pip install .` keeps them."""
+    pins = re.findall(r"^(torch(?:vision)?==\S+)$", (REPO / "requirements.txt").read_text(), re.M)
+    assert len(pins) == 2, pins
+    (install,) = [r for r in _instructions("RUN") if "pip install ." in r]
+    assert install.startswith(f"pip install {' '.join(pins)} && pip install ."), install
 
 
 def test_package_installed_and_copied_paths_exist():
-    assert any(r.startswith("pip install .") for r in _instructions("RUN"))
     for copy in _instructions("COPY"):
         for src in copy.split()[:-1]:
             assert (REPO / src).exists(), src

@@ -33,6 +33,7 @@ rebuilt from the committed results without rerunning. Runs whose result exists a
     python bench/study.py emnist-het-mb                 # tune, then report (resumable)
     python bench/study.py emnist-het-mb --hours 1       # stop launching runs after an hour
     python bench/study.py emnist-het-mb --report-only   # tables and plots from bench/results
+    python bench/study.py emnist-het-mb --plan          # runs stored, choices so far, next wave
 """
 from __future__ import annotations
 
@@ -417,6 +418,16 @@ def plan(setting: Setting) -> tuple[list[Spec], dict]:
     return specs, chosen
 
 
+def progress(setting: Setting) -> str:
+    """Runs stored, the points chosen so far and the runs of the next wave (what ``--plan`` prints)."""
+    specs, chosen = plan(setting)
+    todo = [s.name for s in specs if load_result(s) is None]
+    lines = [f"{setting.name}: {len(_stored(setting.name))} runs stored; next wave: {len(todo)} runs"]
+    lines += [f"  chosen: {m.label} at {_fmt_point(m, chosen[m.label])}" for m in setting.methods if m.label in chosen]
+    lines += [f"  to run: {n}" for n in todo]
+    return "\n".join(lines)
+
+
 def run_setting(setting: Setting, jobs: int, deadline: float) -> bool:
     """Run waves until the plan is complete (True) or the deadline passes (False)."""
     wave = 0
@@ -657,11 +668,15 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("settings", nargs="+", choices=list(SETTINGS))
     p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from bench/results")
+    p.add_argument("--plan", action="store_true", help="only print each setting's progress and next wave")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="runs at once, one core each")
     p.add_argument("--hours", type=float, default=math.inf, help="launch no run after this many hours")
     args = p.parse_args()
     deadline = time.time() + args.hours * 3600
     for name in args.settings:
+        if args.plan:
+            print(progress(SETTINGS[name]))
+            continue
         if not args.report_only:
             run_setting(SETTINGS[name], args.jobs, deadline)
         print(report(SETTINGS[name]), flush=True)

@@ -175,3 +175,13 @@ def test_issue12_methods_tune_their_own_parameter_and_further_pairs_are_reported
     assert "| fedga-previous (1000 rounds) | fedga (500 rounds) | +0.00 [" in tables
     assert "| scaffold-stateful (1000 rounds) | scaffold (1000 rounds) |" in tables
     assert set(data["summary"]["pairs"]) == {f"{a}@1000 - {b}@{int(f * 1000)}" for a, b, f in setting.pairs}
+
+
+def test_plan_prints_progress_choices_and_the_next_wave(setting):
+    """``--plan``: what a later session reads before resuming a study."""
+    first = study.progress(setting).splitlines()
+    assert first[0] == f"{setting.name}: 0 runs stored; next wave: 24 runs"  # 4 methods x 3 lrs x 2 seeds
+    assert "  to run: fedga_lr=0.025_beta=0.025_s100" in first and not any("chosen" in l for l in first)
+    _drive(setting, lambda m, e: 0.7 - 0.01 * sum(abs(k) for k in e.values()))
+    done = study.progress(setting).splitlines()
+    assert done[0].endswith("next wave: 0 runs") and "  chosen: fedga at lr 0.05, beta 0.025" in done

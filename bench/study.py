@@ -113,7 +113,8 @@ EMNIST = ["model.name=mlp", PINNED_EXECUTOR, "data.val_fraction=0.1", "train.eva
 CIFAR = ["data.val_fraction=0.1", "train.eval_every=10", "train.diagnostics_every=10",
          "train.diagnostics_batch=1000", "train.checkpoint_every=10"]
 # Figure 2 on the CPU: the mlp on the raw pixels, without augmentation (a cnn_cifar FedAvg round
-# costs about 4 s on one of these cores; an mlp round without augmentation about 1 s)
+# costs about 4 s on one of these cores; an mlp round without augmentation 1.5 s with the machine busy, 2.3 s
+# with it)
 CIFAR_MLP = ["model.name=mlp", PINNED_EXECUTOR, "data.augment=none", "data.val_fraction=0.1", "train.eval_every=10",
              "train.diagnostics_every=10", "train.diagnostics_batch=1000", "train.checkpoint_every=50"]
 CIFAR_MLP_NOTE = ("mlp (3072-200-200-10) on the raw pixels, without augmentation, instead of cnn_cifar: the CNN "

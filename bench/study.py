@@ -160,6 +160,13 @@ DC_EXT = [Method("gradalign-previous", "gradalign", ("lr", "beta"), (("lr", 0.2)
           Method("lbsgd-momentum", "lbsgd", base=(("lr", 0.02),), overrides=("algorithm.server_momentum=0.9",)),
           Method("lbsgd-adam", "lbsgd", ("server_lr",), (("server_lr", 0.01),), (*ADAM, "algorithm.lr=0.2"))]
 
+def _dc_at_500(scaffold: tuple[str, ...] = ()) -> list[Method]:
+    """The datacenter methods at 500 samples per worker (lbsgd-2x-batch at 1,000), with
+    ``scaffold`` appended to SCAFFOLD's overrides."""
+    return [Method(m.label, m.algorithm, m.tune, m.base, tuple(o.replace("=128", "=1000") for o in m.overrides)
+                   + (scaffold if m.label == "scaffold" else ())) for m in DC]
+
+
 SETTINGS = {s.name: s for s in [
     _emnist("het", 60, 1000, FED_EXT, FED_PAIRS), _emnist("iid", 60, 300), _emnist("het", "full", 1000), _emnist("iid", "full", 300),
     Setting("emnist-dc", "EMNIST-47 datacenter: 10 workers, one IID shard each, all in every update, "
@@ -177,8 +184,7 @@ SETTINGS = {s.name: s for s in [
             [Method(m.label, m.algorithm, m.tune, (("lr", 0.2),)) for m in FED], "fedavg", 200, 0.1),
     Setting("cifar10-dc", "CIFAR-10, cnn_cifar, 10 workers x 500 samples per update (Figure 2, bottom)",
             "configs/offline/cifar10-datacenter-lbsgd.yaml", CIFAR,
-            [Method(m.label, m.algorithm, m.tune, m.base, tuple(o.replace("=128", "=1000") for o in m.overrides))
-             for m in DC], "lbsgd", 400, 0.1),
+            _dc_at_500(), "lbsgd", 400, 0.1),
     Setting("cifar10-fed-mlp", "CIFAR-10, mlp, 10 IID clients, all sampled, K = 20, batch 100 (Figure 2, top, on the CPU)",
             "configs/offline/cifar10-iid-fedavg.yaml", [*CIFAR_MLP, "algorithm.local_steps=20",
                                                         "algorithm.local_batch_size=100"],
@@ -189,10 +195,7 @@ SETTINGS = {s.name: s for s in [
     # shard, which would cost 10x SGD's samples for the same update
     Setting("cifar10-dc-mlp", "CIFAR-10, mlp, 10 workers x 500 samples per update (Figure 2, bottom, on the CPU)",
             "configs/offline/cifar10-datacenter-lbsgd.yaml", CIFAR_MLP,
-            [Method(m.label, m.algorithm, m.tune, m.base,
-                    tuple(o.replace("=128", "=1000") for o in m.overrides)
-                    + (("algorithm.full_grad_batch=500",) if m.label == "scaffold" else ()))
-             for m in DC], "lbsgd", 400, 0.1,
+            _dc_at_500(scaffold=("algorithm.full_grad_batch=500",)), "lbsgd", 400, 0.1,
             note=CIFAR_MLP_NOTE + "; scaffold's control variates on 500 samples (with K = 1 and every worker in, "
                  "its update is SGD's whatever their batch)"),
 ]}

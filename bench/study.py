@@ -23,17 +23,22 @@ Protocol, for every setting (BENCHMARKS.md states it in full):
 
 Each run imports the package afresh from this checkout: to edit the package while a study runs,
 run the study from a separate ``git worktree`` whose ``bench/results`` and ``runs`` are links to
-this checkout's (a run that fails at import is not stored, and is rerun). Runs go to
+this checkout's (a run that fails, at import or later, is not stored, and is rerun by the next
+invocation). Runs go to
 ``runs/study/<setting>/<run>`` (checkpoints there: an interrupted run resumes); each
 finished or diverged run is also stored, compressed, in ``bench/results/<setting>/<run>.json.xz``
 (config, status, every metrics row with floats to 6 significant digits, without the sampled
 client ids, which are a pure function of (seed, round): ``dist_gradalign.data.sample_clients``), which is what ``--report-only`` reads: tables and plots are
 rebuilt from the committed results without rerunning. Runs whose result exists are skipped.
 
+One run per core (``--jobs``, one thread each): whenever a run ends, the plans are read again
+from the stored results and the next needed run starts, settings in the order given (a later
+one gets a core when the earlier ones have no run to start), tuning runs first within one.
+
     python bench/study.py emnist-het-mb                 # tune, then report (resumable)
     python bench/study.py emnist-het-mb --hours 1       # stop launching runs after an hour
     python bench/study.py emnist-het-mb --report-only   # tables and plots from bench/results
-    python bench/study.py emnist-het-mb --plan          # runs stored, choices so far, next wave
+    python bench/study.py emnist-het-mb --plan          # runs stored, choices so far, runs needed now
 """
 from __future__ import annotations
 
@@ -43,12 +48,11 @@ import lzma
 import json
 import math
 import os
-import queue
 import re
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -321,26 +325,54 @@ def run_one(spec: Spec, core: int) -> str:
     return status
 
 
-def run_pool(specs: list[Spec], jobs: int, deadline: float) -> None:
-    cores: queue.Queue = queue.Queue()
+def _key(spec: Spec) -> tuple[str, str]:
+    return spec.setting, spec.name
+
+
+def next_spec(settings: list[Setting], skip: set) -> Spec | None:
+    """The first run the settings' plans need now that is neither stored nor in ``skip`` (running,
+    or failed in this invocation): settings in the order given, tuning runs before reporting runs
+    within a setting (they decide what runs next)."""
+    for setting in settings:
+        specs, _ = plan(setting)
+        needed = [s for s in specs if _key(s) not in skip and load_result(s) is None]
+        needed.sort(key=lambda s: s.seed not in TUNE_SEEDS)  # stable: tuning first
+        if needed:
+            return needed[0]
+    return None
+
+
+def run_study(settings: list[Setting], jobs: int, deadline: float) -> None:
+    """Keep ``jobs`` runs going, one per core, until every plan is complete: whenever a run ends,
+    the plans are read again from the stored results and the next needed run starts, so no core
+    waits for the slowest run of a batch. No run starts after ``deadline``; running ones finish.
+    A run that fails (a crash, not a divergence) is not retried in this invocation."""
     ncpu = len(os.sched_getaffinity(0))
-    for j in range(jobs):
-        cores.put(j % ncpu)
-
-    def work(i_spec):
-        i, spec = i_spec
-        if time.time() > deadline:
-            return
-        core = cores.get()
-        t0 = time.time()
-        try:
-            status = run_one(spec, core)
-        finally:
-            cores.put(core)
-        print(f"  [{i}/{len(specs)}] {spec.name}: {status} ({time.time() - t0:.0f}s)", flush=True)
-
+    free = [j % ncpu for j in range(jobs)]
+    running: dict = {}  # future -> (spec, core, start time)
+    failed: set = set()
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(work, enumerate(specs, 1)))
+        while True:
+            while free and time.time() <= deadline:
+                spec = next_spec(settings, failed | {_key(s) for s, _, _ in running.values()})
+                if spec is None:
+                    break
+                core = free.pop(0)
+                print(f"  start {spec.setting}/{spec.name} on core {core}", flush=True)
+                running[pool.submit(run_one, spec, core)] = (spec, core, time.time())
+            if not running:
+                return
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                spec, core, t0 = running.pop(fut)
+                free.append(core)
+                try:
+                    status = fut.result()
+                except Exception as e:  # noqa: BLE001 - reported, and the study goes on
+                    status = f"FAILED ({e!r})"
+                if status.startswith("FAILED"):
+                    failed.add(_key(spec))
+                print(f"  {spec.setting}/{spec.name}: {status} ({time.time() - t0:.0f}s)", flush=True)
 
 
 # ---------------------------------------------------------------- tuning
@@ -423,31 +455,13 @@ def plan(setting: Setting) -> tuple[list[Spec], dict]:
 
 
 def progress(setting: Setting) -> str:
-    """Runs stored, the points chosen so far and the runs of the next wave (what ``--plan`` prints)."""
+    """Runs stored, the points chosen so far and the runs needed now (what ``--plan`` prints)."""
     specs, chosen = plan(setting)
     todo = [s.name for s in specs if load_result(s) is None]
-    lines = [f"{setting.name}: {len(_stored(setting.name))} runs stored; next wave: {len(todo)} runs"]
+    lines = [f"{setting.name}: {len(_stored(setting.name))} runs stored; needed now: {len(todo)} runs"]
     lines += [f"  chosen: {m.label} at {_fmt_point(m, chosen[m.label])}" for m in setting.methods if m.label in chosen]
     lines += [f"  to run: {n}" for n in todo]
     return "\n".join(lines)
-
-
-def run_setting(setting: Setting, jobs: int, deadline: float) -> bool:
-    """Run waves until the plan is complete (True) or the deadline passes (False)."""
-    wave = 0
-    while True:
-        specs, _ = plan(setting)
-        todo = [s for s in specs if load_result(s) is None]
-        if not todo:
-            return True
-        if time.time() > deadline:
-            return False
-        wave += 1
-        print(f"== {setting.name}: wave {wave}, {len(todo)} runs", flush=True)
-        run_pool(todo, jobs, deadline)
-        if all(load_result(s) is None for s in todo) and time.time() <= deadline:
-            print(f"== {setting.name}: no run of the wave completed; stopping", file=sys.stderr, flush=True)
-            return False
 
 
 # ---------------------------------------------------------------- report
@@ -672,15 +686,16 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("settings", nargs="+", choices=list(SETTINGS))
     p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from bench/results")
-    p.add_argument("--plan", action="store_true", help="only print each setting's progress and next wave")
+    p.add_argument("--plan", action="store_true", help="only print each setting's progress and the runs it needs now")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="runs at once, one core each")
     p.add_argument("--hours", type=float, default=math.inf, help="launch no run after this many hours")
     args = p.parse_args()
     deadline = time.time() + args.hours * 3600
-    for name in args.settings:
-        if args.plan:
-            print(progress(SETTINGS[name]))
-            continue
-        if not args.report_only:
-            run_setting(SETTINGS[name], args.jobs, deadline)
-        print(report(SETTINGS[name]), flush=True)
+    settings = [SETTINGS[name] for name in args.settings]
+    if args.plan:
+        print("\n".join(progress(setting) for setting in settings))
+        sys.exit()
+    if not args.report_only:
+        run_study(settings, args.jobs, deadline)
+    for setting in settings:
+        print(report(setting), flush=True)

@@ -177,11 +177,60 @@ def test_issue12_methods_tune_their_own_parameter_and_further_pairs_are_reported
     assert set(data["summary"]["pairs"]) == {f"{a}@1000 - {b}@{int(f * 1000)}" for a, b, f in setting.pairs}
 
 
-def test_plan_prints_progress_choices_and_the_next_wave(setting):
+def test_plan_prints_progress_choices_and_the_runs_needed_now(setting):
     """``--plan``: what a later session reads before resuming a study."""
     first = study.progress(setting).splitlines()
-    assert first[0] == f"{setting.name}: 0 runs stored; next wave: 24 runs"  # 4 methods x 3 lrs x 2 seeds
+    assert first[0] == f"{setting.name}: 0 runs stored; needed now: 24 runs"  # 4 methods x 3 lrs x 2 seeds
     assert "  to run: fedga_lr=0.025_beta=0.025_s100" in first and not any("chosen" in l for l in first)
     _drive(setting, lambda m, e: 0.7 - 0.01 * sum(abs(k) for k in e.values()))
     done = study.progress(setting).splitlines()
-    assert done[0].endswith("next wave: 0 runs") and "  chosen: fedga at lr 0.05, beta 0.025" in done
+    assert done[0].endswith("needed now: 0 runs") and "  chosen: fedga at lr 0.05, beta 0.025" in done
+
+
+
+def test_the_runner_starts_the_next_needed_run_on_a_free_core_and_finishes_every_plan(tmp_path, monkeypatch):
+    """run_study, with a synthetic training in place of run_one, on two settings at once. One
+    tuning run of the first setting holds its core until the second setting has started (a
+    runner that waited for a batch to end would never start it: the run times out), then fails.
+    At the end both plans are complete but for the failed run, which was not retried; no run
+    started twice; never more than ``jobs`` at once."""
+    import threading
+    monkeypatch.setattr(study, "RESULTS", tmp_path / "results")
+    a = dataclasses.replace(study.SETTINGS["emnist-het-mb"], methods=study.FED[:2], pairs=())
+    b = dataclasses.replace(study.SETTINGS["emnist-iid-mb"], methods=study.FED[:1], pairs=())
+    monkeypatch.setitem(study.SETTINGS, a.name, a)
+    monkeypatch.setitem(study.SETTINGS, b.name, b)
+    held = study.Spec(a.name, a.methods[1], study._point(a.methods[1], lr=1), 101, a.rounds)
+    b_started, lock, started, now, peak = threading.Event(), threading.Lock(), [], [0], [0]
+
+    def fake_run(spec, core):
+        with lock:
+            started.append((spec.setting, spec.name))
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        if spec.setting == b.name:
+            b_started.set()
+        try:
+            if (spec.setting, spec.name) == (held.setting, held.name):
+                assert b_started.wait(timeout=30), "the second setting never started"
+                return "FAILED (rc 1)"
+            _fake(spec, 0.7 - 0.01 * sum(abs(k) for _, k in spec.point))
+            return "finished"
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(study, "run_one", fake_run)
+    study.run_study([a, b], jobs=2, deadline=math.inf)
+    assert b_started.is_set() and peak[0] == 2
+    assert len(started) == len(set(started)), "a run started twice"
+    assert started.count((held.setting, held.name)) == 1 and study.load_result(held) is None
+    assert [s.name for s in study.plan(a)[0] if study.load_result(s) is None] == [held.name]
+    assert [s for s in study.plan(b)[0] if study.load_result(s) is None] == []
+    assert "  chosen: fedavg at lr 0.05" in study.progress(a).splitlines()
+    assert "  chosen: fedavg at lr 0.05" in study.progress(b).splitlines()
+
+
+def test_the_runner_starts_nothing_after_the_deadline(setting, monkeypatch):
+    monkeypatch.setattr(study, "run_one", lambda spec, core: pytest.fail("a run started after the deadline"))
+    study.run_study([setting], jobs=2, deadline=0.0)

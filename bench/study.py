@@ -325,17 +325,13 @@ def run_one(spec: Spec, core: int) -> str:
     return status
 
 
-def _key(spec: Spec) -> tuple[str, str]:
-    return spec.setting, spec.name
-
-
-def next_spec(settings: list[Setting], skip: set) -> Spec | None:
+def next_spec(settings: list[Setting], skip: set[Spec]) -> Spec | None:
     """The first run the settings' plans need now that is neither stored nor in ``skip`` (running,
     or failed in this invocation): settings in the order given, tuning runs before reporting runs
     within a setting (they decide what runs next)."""
     for setting in settings:
         specs, _ = plan(setting)
-        needed = [s for s in specs if _key(s) not in skip and load_result(s) is None]
+        needed = [s for s in specs if s not in skip and load_result(s) is None]
         needed.sort(key=lambda s: s.seed not in TUNE_SEEDS)  # stable: tuning first
         if needed:
             return needed[0]
@@ -350,11 +346,11 @@ def run_study(settings: list[Setting], jobs: int, deadline: float) -> None:
     ncpu = len(os.sched_getaffinity(0))
     free = [j % ncpu for j in range(jobs)]
     running: dict = {}  # future -> (spec, core, start time)
-    failed: set = set()
+    failed: set[Spec] = set()
     with ThreadPoolExecutor(jobs) as pool:
         while True:
             while free and time.time() <= deadline:
-                spec = next_spec(settings, failed | {_key(s) for s, _, _ in running.values()})
+                spec = next_spec(settings, failed | {s for s, _, _ in running.values()})
                 if spec is None:
                     break
                 core = free.pop(0)
@@ -371,7 +367,7 @@ def run_study(settings: list[Setting], jobs: int, deadline: float) -> None:
                 except Exception as e:  # noqa: BLE001 - reported, and the study goes on
                     status = f"FAILED ({e!r})"
                 if status.startswith("FAILED"):
-                    failed.add(_key(spec))
+                    failed.add(spec)
                 print(f"  {spec.setting}/{spec.name}: {status} ({time.time() - t0:.0f}s)", flush=True)
 
 

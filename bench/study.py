@@ -497,18 +497,20 @@ def _fmt_point(method: Method, point: tuple) -> str:
 
 def tuning_table(setting: Setting) -> str:
     lines = [f"Validation accuracy (%) of every tuned point, seeds {', '.join(map(str, TUNE_SEEDS))} "
-             f"(mean of the last {SCORE_EVALS} evaluations; a diverged run counts as chance, marked d). "
+             f"(mean of the last {SCORE_EVALS} evaluations; a diverged run counts as chance, marked d; "
+             "a point with a tuning seed not run, -, is listed but not scored: the search needs both seeds). "
              "Bold: chosen.", "", "| method | point | " + " | ".join(f"seed {s}" for s in TUNE_SEEDS)
              + " | mean |", "|---|---|" + "---|" * (len(TUNE_SEEDS) + 1)]
     for m in setting.methods:
         _, scores, best = search(setting, m)
         for pt in sorted(scores, key=lambda pt: tuple(k for _, k in pt)):
             sc = scores[pt]
-            if None in sc:
-                continue
             res = [load_result(Spec(setting.name, m, pt, s, setting.rounds)) for s in TUNE_SEEDS]
-            cells = [_pct(v) + (" d" if r["status"] == "diverged" else "") for v, r in zip(sc, res)]
-            mean = _pct(float(np.mean(sc)))
+            if not any(res):
+                continue
+            cells = ["-" if r is None else _pct(v) + (" d" if r["status"] == "diverged" else "")
+                     for v, r in zip(sc, res)]
+            mean = "-" if None in sc else _pct(float(np.mean(sc)))
             mark = (lambda t: f"**{t}**") if pt == best else (lambda t: t)
             lines.append(f"| {m.label} | {mark(_fmt_point(m, pt))} | " + " | ".join(cells) + f" | {mark(mean)} |")
         if best is None:

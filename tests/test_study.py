@@ -60,8 +60,11 @@ def test_search_brackets_an_optimum_outside_the_first_grid(setting):
     off_path = study.Spec(setting.name, setting.methods[0], (("lr", -4),), 100, setting.rounds)
     _fake(off_path, 0.1)  # a run of an earlier, wider search: it stays in the table
     _fake(study.Spec(setting.name, setting.methods[0], (("lr", -4),), 101, setting.rounds), 0.1)
+    _fake(study.Spec(setting.name, setting.methods[0], (("lr", 3),), 100, setting.rounds), 0.2)  # one seed only
     chosen = _drive(setting, objective)
-    assert "| fedavg | lr 0.003125 | 10.00 | 10.00 | 10.00 |" in study.tuning_table(setting)
+    table = study.tuning_table(setting)
+    assert "| fedavg | lr 0.003125 | 10.00 | 10.00 | 10.00 |" in table
+    assert "| fedavg | lr 0.4 | 20.00 | - | - |" in table, "a point with one tuning seed is listed, not scored"
     assert chosen["fedga"] == (("lr", 1), ("beta", -3))
     assert chosen["fedprox"] == (("lr", 1), ("mu", 1))
     assert chosen["fedavg"] == (("lr", 1),)

@@ -207,7 +207,7 @@ def test_the_runner_starts_the_next_needed_run_on_a_free_core_and_finishes_every
 
     def fake_run(spec, core):
         with lock:
-            started.append((spec.setting, spec.name))
+            started.append(spec)
             now[0] += 1
             peak[0] = max(peak[0], now[0])
         if spec.setting == b.name:
@@ -226,8 +226,8 @@ def test_the_runner_starts_the_next_needed_run_on_a_free_core_and_finishes_every
     study.run_study([a, b], jobs=2, deadline=math.inf)
     assert held_saw_b == [True] and peak[0] == 2
     assert len(started) == len(set(started)), "a run started twice"
-    assert started.count((held.setting, held.name)) == 1 and study.load_result(held) is None
-    assert [s.name for s in study.plan(a)[0] if study.load_result(s) is None] == [held.name]
+    assert started.count(held) == 1 and study.load_result(held) is None
+    assert [s for s in study.plan(a)[0] if study.load_result(s) is None] == [held]
     assert [s for s in study.plan(b)[0] if study.load_result(s) is None] == []
     assert "  chosen: fedavg at lr 0.05" in study.progress(a).splitlines()
     assert "  chosen: fedavg at lr 0.05" in study.progress(b).splitlines()

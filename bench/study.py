@@ -72,6 +72,7 @@ REPORT_SEEDS = (0, 1, 2, 3, 4)
 FIRST_LR = (-1, 0, 1)  # exponents of 2 around the paper's lr; the search extends the line as needed
 CAP = 6  # |exponent| at most: 2^6 = 64x the paper's value either way
 SCORE_EVALS = 3  # validation accuracy averaged over the last evaluations
+GRAD_VARIANCE = "diag_grad_variance"  # the logged r(x) of the paper's Theorem 4
 TOL = 0.0025  # scores within 0.25 points of the best tie; the tie goes to the point nearest the paper's
 PAPER = {"lr": 0.05, "beta": 0.025, "mu": 0.01}  # DESIGN.md section 3 (mu: not published)
 
@@ -589,8 +590,27 @@ def report_tables(setting: Setting) -> tuple[str, dict]:
             lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
             summary["methods"][m.label]["paired"] = {str(rnd): paired(a, at(results[base], rnd)) for rnd in (R, 2 * R)}
         lines += sensitivity(setting, results, summary)
+    lines += grad_variance_line(setting, results, summary)
     lines += pair_table(setting, results, summary)
     return "\n".join(lines) + "\n", {"summary": summary, "results": results, "chosen": chosen}
+
+
+def grad_variance_line(setting: Setting, results: dict, summary: dict) -> list[str]:
+    """The diagnostic r(x) at the end of training: each run's mean over its logged values in the
+    last 30% of the rounds, then the geometric mean over the reporting seeds (r(x) spreads over
+    orders of magnitude across runs, so the arithmetic mean would follow one seed)."""
+    lo, cells = int(0.7 * setting.rounds), []
+    for m in setting.methods:
+        per_run = [[x[GRAD_VARIANCE] for x in r["rows"] if lo < x["round"] <= setting.rounds and GRAD_VARIANCE in x]
+                   for r in results.get(m.label, [])]
+        if per_run and all(per_run):
+            g = float(np.exp(np.mean([np.log(np.mean(v)) for v in per_run])))
+            summary["methods"][m.label]["grad_variance"] = g
+            cells.append(f"{m.label} {g:.3g}")
+    if not cells:
+        return []
+    return ["", f"Gradient variance r(x) (`{GRAD_VARIANCE}`) over rounds {lo + 1}-{setting.rounds}: the mean of each run's "
+            f"logged values, geometric mean over the reporting seeds: {'; '.join(cells)}."]
 
 
 def pair_table(setting: Setting, results: dict, summary: dict) -> list[str]:
@@ -647,7 +667,7 @@ def plots(setting: Setting, results: dict, out: Path) -> list[str]:
         plot_metric(groups, key, ylabel, f"{setting.name}: {ylabel.split(' (')[0]}", path, 100.0,
                     xkeys=("round", "comm_rounds", "updates", "samples", "time"))
         paths.append(str(path))
-    if plot_grad_variance(groups, out / "grad_variance.png", "diag_grad_variance"):
+    if plot_grad_variance(groups, out / "grad_variance.png", GRAD_VARIANCE):
         paths.append(str(out / "grad_variance.png"))
     return paths
 

@@ -236,3 +236,20 @@ def test_the_runner_starts_the_next_needed_run_on_a_free_core_and_finishes_every
 def test_the_runner_starts_nothing_after_the_deadline(setting, monkeypatch):
     monkeypatch.setattr(study, "run_one", lambda spec, core: pytest.fail("a run started after the deadline"))
     study.run_study([setting], jobs=2, deadline=0.0)
+
+
+def test_gradient_variance_is_each_runs_mean_over_the_last_30_percent_then_the_geometric_mean(setting):
+    """r(x) logged every 10 rounds: early values (and those past R, from the baseline's 2R runs)
+    must not count; a method that logged no r(x) gets no entry."""
+    def run(seed):
+        rows = [{"round": r, study.GRAD_VARIANCE: (seed + 1) * (1.0 if 700 < r <= 1000 else 100.0) * (1 + (r % 20 == 0))}
+                for r in range(10, 2001, 10)]
+        return {"rows": rows}
+    results = {"fedavg": [run(s) for s in range(5)], "fedga": [{"rows": [{"round": 1000}]}] * 5}
+    summary = {"methods": {"fedavg": {}, "fedga": {}}}
+    lines = study.grad_variance_line(setting, results, summary)
+    expected = 1.5 * 120 ** (1 / 5)  # each run: (seed + 1) x mean(1, 2); geometric mean of 1..5 = 120^(1/5)
+    assert summary["methods"]["fedavg"]["grad_variance"] == pytest.approx(expected)
+    assert "grad_variance" not in summary["methods"]["fedga"]
+    assert lines[-1].endswith(f"rounds 701-1000: the mean of each run's logged values, geometric mean over the "
+                              f"reporting seeds: fedavg {expected:.3g}.")

@@ -581,23 +581,40 @@ def report_tables(setting: Setting) -> tuple[str, dict]:
                   f"{int(0.8 * R)}, {_pct(late)}% at round {R} (+{100 * (late - early):.2f} points over the last "
                   f"20%) and {_pct(longer)}% at round {2 * R}."]
         lines += ["", f"Paired differences against {base} on the same seeds (percentage points, mean and 95% t "
-                  "confidence interval over the seeds; positive = better than the baseline):", "",
+                  "confidence interval over the seeds; positive = better than the baseline). Equal samples: "
+                  f"{base} at the first evaluated round where it has used as many samples (gradient evaluations) as "
+                  f"the method by round {R}; - where that is past {2 * R}:", "",
                   f"| method | vs {base} at equal rounds ({R}) | vs {base} at {2 * R} rounds (equal communication "
-                  "for two-round methods) |", "|---|---|---|"]
+                  f"for two-round methods) | vs {base} at equal samples |", "|---|---|---|---|"]
         for m in setting.methods:
             if m.label == base or m.label not in results:
                 continue
             a = at(results[m.label], R)
-            cells = []
-            for rnd in (R, 2 * R):
-                mean, lo, hi = paired(a, at(results[base], rnd))
-                cells.append(f"{100 * mean:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+            matched = equal_samples_round(results[m.label], results[base], R)
+            pairs = {str(rnd): paired(a, at(results[base], rnd)) for rnd in (R, 2 * R)}
+            cells = [f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]" for d, lo, hi in pairs.values()]
+            if matched is None:
+                cells.append("-")
+            else:
+                d, lo, hi = pairs["samples"] = paired(a, at(results[base], matched))
+                pairs["samples_round"] = matched
+                cells.append(f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] (round {matched})")
             lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
-            summary["methods"][m.label]["paired"] = {str(rnd): paired(a, at(results[base], rnd)) for rnd in (R, 2 * R)}
+            summary["methods"][m.label]["paired"] = pairs
         lines += sensitivity(setting, results, summary)
     lines += grad_variance_line(setting, results, summary)
     lines += pair_table(setting, results, summary)
     return "\n".join(lines) + "\n", {"summary": summary, "results": results, "chosen": chosen}
+
+
+def equal_samples_round(runs: list[dict], base_runs: list[dict], R: int) -> int | None:
+    """The baseline's first evaluated round at which it has used at least the samples that
+    ``runs`` used by round R (None if no finished run says how many, or the baseline never does)."""
+    used = [x["samples"] for r in runs if r["status"] == "finished" for x in r["rows"] if x["round"] == R and "samples" in x]
+    longest = max(base_runs, key=lambda r: len(r["rows"]))
+    if not used:
+        return None
+    return next((x["round"] for x in longest["rows"] if "test_acc" in x and x.get("samples", 0) >= max(used)), None)
 
 
 def grad_variance_line(setting: Setting, results: dict, summary: dict) -> list[str]:

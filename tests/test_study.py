@@ -253,3 +253,24 @@ def test_gradient_variance_is_each_runs_mean_over_the_last_30_percent_then_the_g
     assert "grad_variance" not in summary["methods"]["fedga"]
     assert lines[-1].endswith(f"rounds 701-1000: the mean of each run's logged values, geometric mean over the "
                               f"reporting seeds: fedavg {expected:.3g}.")
+
+
+def test_equal_samples_compares_against_the_baseline_where_it_has_used_as_many_samples(setting):
+    """FedGA that used 10% more samples by round R is compared with FedAvg at round 1.1 R (from
+    the baseline's 2R-round runs); a method whose samples FedAvg never reaches gets '-'."""
+    chosen = _drive(setting, lambda m, e: 0.7 - 0.01 * sum(abs(k) for k in e.values()))
+    R = setting.rounds
+    for label, factor in (("fedga", 1.1), ("scaffold", 2.5)):
+        m = next(x for x in setting.methods if x.label == label)
+        for seed in study.REPORT_SEEDS:
+            spec = study.Spec(setting.name, m, chosen[label], seed, R)
+            data = study.load_result(spec)
+            for row in data["rows"]:
+                row["samples"] = int(factor * row["samples"])
+            study.store(spec.result_path, data)
+    tables, data = study.report_tables(setting)
+    fedga = data["summary"]["methods"]["fedga"]["paired"]
+    assert fedga["samples_round"] == int(1.1 * R)
+    assert fedga["samples"][0] == pytest.approx(0.70 - 0.71)  # the baseline's test acc past R is 0.71 in _fake
+    assert "samples" not in data["summary"]["methods"]["scaffold"]["paired"]
+    assert f"(round {int(1.1 * R)}) |" in tables and "| scaffold | +0.00 [" in tables and tables.count(" | - |") == 1

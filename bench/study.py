@@ -611,9 +611,9 @@ def equal_samples_round(runs: list[dict], base_runs: list[dict], R: int) -> int 
     """The baseline's first evaluated round at which it has used at least the samples that
     ``runs`` used by round R (None if no finished run says how many, or the baseline never does)."""
     used = [x["samples"] for r in runs if r["status"] == "finished" for x in r["rows"] if x["round"] == R and "samples" in x]
-    longest = max(base_runs, key=lambda r: len(r["rows"]))
     if not used:
         return None
+    longest = max(base_runs, key=lambda r: len(r["rows"]))
     return next((x["round"] for x in longest["rows"] if "test_acc" in x and x.get("samples", 0) >= max(used)), None)
 
 

@@ -497,6 +497,11 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def _diff(d: float, lo: float, hi: float) -> str:
+    """A paired difference and its interval, in points: ``+1.23 [+0.45, +2.01]``."""
+    return f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+
+
 def _fmt_point(method: Method, point: tuple) -> str:
     return ", ".join(f"{p} {method.value(p, k):g}" for p, k in point)
 
@@ -591,16 +596,16 @@ def report_tables(setting: Setting) -> tuple[str, dict]:
                 continue
             a = at(results[m.label], R)
             matched = equal_samples_round(results[m.label], results[base], R)
-            pairs = {str(rnd): paired(a, at(results[base], rnd)) for rnd in (R, 2 * R)}
-            cells = [f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]" for d, lo, hi in pairs.values()]
+            diffs = {str(rnd): paired(a, at(results[base], rnd)) for rnd in (R, 2 * R)}
+            cells = [_diff(*v) for v in diffs.values()]
             if matched is None:
                 cells.append("-")
             else:
-                d, lo, hi = pairs["samples"] = paired(a, at(results[base], matched))
-                pairs["samples_round"] = matched
-                cells.append(f"{100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}] (round {matched})")
+                diffs["samples"] = paired(a, at(results[base], matched))
+                diffs["samples_round"] = matched
+                cells.append(f"{_diff(*diffs['samples'])} (round {matched})")
             lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
-            summary["methods"][m.label]["paired"] = pairs
+            summary["methods"][m.label]["paired"] = diffs
         lines += sensitivity(setting, results, summary)
     lines += grad_variance_line(setting, results, summary)
     lines += pair_table(setting, results, summary)
@@ -642,8 +647,7 @@ def pair_table(setting: Setting, results: dict, summary: dict) -> list[str]:
         if a in results and b in results:
             d, lo, hi = paired([final_test(setting, r, R) for r in results[a]],
                                [final_test(setting, r, int(f * R)) for r in results[b]])
-            rows.append(f"| {a} ({R} rounds) | {b} ({int(f * R)} rounds) | {100 * d:+.2f} [{100 * lo:+.2f}, "
-                        f"{100 * hi:+.2f}] |")
+            rows.append(f"| {a} ({R} rounds) | {b} ({int(f * R)} rounds) | {_diff(d, lo, hi)} |")
             summary.setdefault("pairs", {})[f"{a}@{R} - {b}@{int(f * R)}"] = (d, lo, hi)
     if not rows:
         return []
@@ -663,9 +667,8 @@ def sensitivity(setting: Setting, results: dict, summary: dict) -> list[str]:
             lines += ["", f"Sensitivity: {base.label} at {_fmt_point(base, pt)} (tied on validation) not run yet."]
             continue
         ref = [final_test(setting, r, R) for r in res]
-        cells = [f"{m.label} {100 * d:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}]"
-                 for m in setting.methods if m.label != base.label and m.label in results
-                 for d, lo, hi in [paired([final_test(setting, r, R) for r in results[m.label]], ref)]]
+        cells = [f"{m.label} {_diff(*paired([final_test(setting, r, R) for r in results[m.label]], ref))}"
+                 for m in setting.methods if m.label != base.label and m.label in results]
         lines += ["", f"Sensitivity: {base.label} at {_fmt_point(base, pt)}, within {100 * TOL:.2f} points of the "
                   f"chosen point on validation, scores {_pct(np.mean(ref))} +- {_pct(np.std(ref, ddof=1))} on the "
                   f"test seeds at round {R}; paired differences against it: {'; '.join(cells)}."]

@@ -39,6 +39,7 @@ one gets a core when the earlier ones have no run to start), tuning runs first w
     python bench/study.py emnist-het-mb --hours 1       # stop launching runs after an hour
     python bench/study.py emnist-het-mb --report-only   # tables and plots from bench/results
     python bench/study.py emnist-het-mb --plan          # runs stored, choices so far, runs needed now
+    python bench/study.py emnist-het:fedavg emnist-iid  # queue: emnist-het's FedAvg runs, then emnist-iid
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,13 @@ class Method:
     tune: tuple[str, ...] = ("lr",)
     base: tuple = ()  # (param, paper value) overriding PAPER
     overrides: tuple[str, ...] = ()
+    # ((param, exponents), ...): points of a wide line run at the chosen point's other
+    # coordinates, beyond the neighbours the search visits (FedProx's mu over its usual range)
+    span: tuple = ()
+
+    def cap(self, param: str) -> int:
+        """Largest |exponent| the search may visit for ``param``."""
+        return max([CAP, *(abs(e) for p, exps in self.span if p == param for e in exps)])
 
     def value(self, param: str, exp: int) -> float:
         base = dict(self.base)
@@ -106,9 +114,15 @@ class Setting:
     # read at that round), e.g. f = 0.5 compares a one-round method with a two-round one at
     # equal communication
     pairs: tuple[tuple[str, str, float], ...] = ()
+    # the baseline is also tuned, on its own lr line, for each budget f x `rounds` (f = 2: the
+    # communication of the two-round methods), so that a longer comparison meets it at its best
+    budgets: tuple[int, ...] = (2,)
 
 
-FED = [Method("fedavg", "fedavg"), Method("fedprox", "fedprox", ("lr", "mu")),
+# FedProx's mu: besides the search's neighbours, 0.00125, 0.08 and 1.28 (2^-3, 2^3, 2^7 x 0.01) at
+# the chosen lr, so that the line spans the usual range (0.001 to 1, Li et al. 2020)
+MU_SPAN = (("mu", (-3, 3, 7)),)
+FED = [Method("fedavg", "fedavg"), Method("fedprox", "fedprox", ("lr", "mu"), span=MU_SPAN),
        Method("scaffold", "scaffold"), Method("fedga", "fedga", ("lr", "beta"))]
 # train.executor pinned: every stored run used the sequential executor (auto would vectorize the
 # mlp's 10 clients on CPU, which changes floating-point results)
@@ -190,7 +204,7 @@ SETTINGS = {s.name: s for s in [
     Setting("cifar10-fed", "CIFAR-10, cnn_cifar, 10 IID clients, all sampled, K = 20, batch 100 (Figure 2, top)",
             "configs/offline/cifar10-iid-fedavg.yaml", [*CIFAR, "algorithm.local_steps=20",
                                                         "algorithm.local_batch_size=100"],
-            [Method(m.label, m.algorithm, m.tune, (("lr", 0.2),)) for m in FED], "fedavg", 200, 0.1,
+            [replace(m, base=(("lr", 0.2),)) for m in FED], "fedavg", 200, 0.1,
             pairs=(FEDGA_VS_SCAFFOLD,)),
     Setting("cifar10-dc", "CIFAR-10, cnn_cifar, 10 workers x 500 samples per update (Figure 2, bottom)",
             "configs/offline/cifar10-datacenter-lbsgd.yaml", CIFAR,
@@ -198,7 +212,7 @@ SETTINGS = {s.name: s for s in [
     Setting("cifar10-fed-mlp", "CIFAR-10, mlp, 10 IID clients, all sampled, K = 20, batch 100 (Figure 2, top, on the CPU)",
             "configs/offline/cifar10-iid-fedavg.yaml", [*CIFAR_MLP, "algorithm.local_steps=20",
                                                         "algorithm.local_batch_size=100"],
-            [Method(m.label, m.algorithm, m.tune, (("lr", 0.2),)) for m in FED], "fedavg", 200, 0.1,
+            [replace(m, base=(("lr", 0.2),)) for m in FED], "fedavg", 200, 0.1,
             note=CIFAR_MLP_NOTE, pairs=(FEDGA_VS_SCAFFOLD,)),
     # SCAFFOLD with K = 1 and every worker sampled is large-batch SGD exactly, whatever batch its
     # control variates use (tests/test_theorems.py): they are taken on 500 samples, not the whole
@@ -296,12 +310,13 @@ def load_result(spec: Spec):
     return result if stored in (now, [a for a in now if a != PINNED_EXECUTOR]) else None
 
 
-def stored_points(setting: Setting, method: Method) -> list[tuple]:
-    """Every point of ``method`` with a stored tuning run (each run counts, whichever search made it)."""
+def stored_points(setting: Setting, method: Method, rounds: int) -> list[tuple]:
+    """Every point of ``method`` with a stored tuning run of ``rounds`` rounds (each run counts,
+    whichever search made it)."""
     points = set()
     for path in _stored(setting.name):
         r = _read(path)
-        if r.get("label") == method.label and r["seed"] in TUNE_SEEDS and r["rounds"] == setting.rounds:
+        if r.get("label") == method.label and r["seed"] in TUNE_SEEDS and r["rounds"] == rounds:
             exps = {p: round(math.log2(v / method.value(p, 0))) for p, v in r["params"].items()}
             points.add(_point(method, **exps))
     return sorted(points)
@@ -331,20 +346,22 @@ def run_one(spec: Spec, core: int) -> str:
     return status
 
 
-def next_spec(settings: list[Setting], skip: set[Spec]) -> Spec | None:
-    """The first run the settings' plans need now that is neither stored nor in ``skip`` (running,
-    or failed in this invocation): settings in the order given, tuning runs before reporting runs
-    within a setting (they decide what runs next)."""
-    for setting in settings:
+def next_spec(queue: list[tuple[Setting, tuple[str, ...]]], skip: set[Spec]) -> Spec | None:
+    """The first run the plans need now that is neither stored nor in ``skip`` (running, or
+    failed in this invocation): queue entries (a setting, and the method labels to run, all if
+    empty) in the order given, tuning runs before reporting runs within an entry (they decide
+    what runs next)."""
+    for setting, labels in queue:
         specs, _ = plan(setting)
-        needed = [s for s in specs if s not in skip and load_result(s) is None]
+        needed = [s for s in specs if s not in skip and load_result(s) is None
+                  and (not labels or s.method.label in labels)]
         needed.sort(key=lambda s: s.seed not in TUNE_SEEDS)  # stable: tuning first
         if needed:
             return needed[0]
     return None
 
 
-def run_study(settings: list[Setting], jobs: int, deadline: float) -> None:
+def run_study(queue: list[tuple[Setting, tuple[str, ...]]], jobs: int, deadline: float) -> None:
     """Keep ``jobs`` runs going, one per core, until every plan is complete: whenever a run ends,
     the plans are read again from the stored results and the next needed run starts, so no core
     waits for the slowest run of a batch. No run starts after ``deadline``; running ones finish.
@@ -356,7 +373,7 @@ def run_study(settings: list[Setting], jobs: int, deadline: float) -> None:
     with ThreadPoolExecutor(jobs) as pool:
         while True:
             while free and time.time() <= deadline:
-                spec = next_spec(settings, failed | {s for s, _, _ in running.values()})
+                spec = next_spec(queue, failed | {s for s, _, _ in running.values()})
                 if spec is None:
                     break
                 core = free.pop(0)
@@ -391,22 +408,29 @@ def _point(method: Method, **exps) -> tuple:
     return tuple((p, exps.get(p, 0)) for p in method.tune)
 
 
-def search(setting: Setting, method: Method) -> tuple[list[tuple], dict, tuple | None]:
-    """(points still to run, {point: [score per tuning seed]}, chosen point or None).
+def search(setting: Setting, method: Method, rounds: int | None = None,
+           center: tuple = ()) -> tuple[list[tuple], dict, tuple | None]:
+    """(points still to run, {point: [score per tuning seed]}, chosen point or None), for runs of
+    ``rounds`` rounds (the setting's R by default).
 
-    First the lr line, then neighbours of the best point until it is better than or equal to
-    every neighbour that lies within the cap."""
+    First the lr line (centred on ``center``'s lr: the R-budget choice when a longer budget is
+    tuned; the paper's lr otherwise), then neighbours of the best point, and the method's span at
+    the best point, until it is better than or equal to every neighbour that lies within the cap.
+    Ties (within TOL) go to the point nearest ``center`` (the paper's values by default)."""
+    rounds = rounds or setting.rounds
+    c = dict(center)
     scores: dict[tuple, list] = {}
 
     def evaluated(pt):
         if pt not in scores:
-            res = [load_result(Spec(setting.name, method, pt, s, setting.rounds)) for s in TUNE_SEEDS]
+            res = [load_result(Spec(setting.name, method, pt, s, rounds)) for s in TUNE_SEEDS]
             scores[pt] = [score(setting, r) if r else None for r in res]
         return None not in scores[pt]
 
-    first = [_point(method, **{method.tune[0]: k}) for k in FIRST_LR]  # lr, or the one parameter tuned
+    lead = method.tune[0]  # lr, or the one parameter tuned
+    first = [_point(method, **{**c, lead: c.get(lead, 0) + k}) for k in FIRST_LR]
     todo = [pt for pt in first if not evaluated(pt)]
-    for pt in stored_points(setting, method):
+    for pt in stored_points(setting, method, rounds):
         evaluated(pt)
     if todo:
         return todo, scores, None
@@ -414,16 +438,17 @@ def search(setting: Setting, method: Method) -> tuple[list[tuple], dict, tuple |
         done = [pt for pt in scores if None not in scores[pt]]
         top = max(np.mean(scores[pt]) for pt in done)
         near = [pt for pt in done if np.mean(scores[pt]) >= top - TOL]
-        return min(near, key=lambda pt: (sum(abs(k) for _, k in pt), -np.mean(scores[pt])))
+        return min(near, key=lambda pt: (sum(abs(k - c.get(p, 0)) for p, k in pt), -np.mean(scores[pt])))
 
     while True:
         best = best_so_far()
         todo = []
         for i, (p, k) in enumerate(best):
-            for step in (-1, 1):
-                if abs(k + step) <= CAP:
-                    nb = best[:i] + ((p, k + step),) + best[i + 1:]
-                    if not evaluated(nb):
+            wide = [e for q, exps in method.span if q == p for e in exps]
+            for e in sorted({k - 1, k + 1, *wide}):
+                if abs(e) <= method.cap(p):
+                    nb = best[:i] + ((p, e),) + best[i + 1:]
+                    if not evaluated(nb) and nb not in todo:
                         todo.append(nb)
         if todo:
             return todo, scores, None
@@ -438,21 +463,36 @@ def ties(scores: dict, best: tuple) -> list[tuple]:
     return sorted(pt for pt, v in done.items() if v >= top - TOL and pt != best)
 
 
+def budget_key(label: str, rounds: int) -> str:
+    """The key of a baseline's choice for a longer budget in ``plan``'s chosen points."""
+    return f"{label}@{rounds}"
+
+
 def plan(setting: Setting) -> tuple[list[Spec], dict]:
     """Every run the study needs now (tuning runs of unfinished searches, reporting runs of
     finished ones), and the chosen points so far. The baseline is also reported at its tied
-    points (see :func:`ties`): a sensitivity check, so that the tie rule cannot favour a method."""
+    points (see :func:`ties`): a sensitivity check, so that the tie rule cannot favour a method;
+    and it is tuned again for each longer budget (``Setting.budgets``), its line centred on its
+    R-round choice, and reported at that budget's choice (``budget_key`` in the chosen points)."""
     specs, chosen = [], {}
     for m in setting.methods:
         todo, scores, best = search(setting, m)
         specs += [Spec(setting.name, m, pt, s, setting.rounds) for pt in todo for s in TUNE_SEEDS]
-        if best is not None:
-            chosen[m.label] = best
-            rounds = 2 * setting.rounds if m.label == setting.baseline else setting.rounds
-            specs += [Spec(setting.name, m, best, s, rounds) for s in REPORT_SEEDS]
-            if m.label == setting.baseline:
-                specs += [Spec(setting.name, m, pt, s, setting.rounds) for pt in ties(scores, best)
-                          for s in REPORT_SEEDS]
+        if best is None:
+            continue
+        chosen[m.label] = best
+        rounds = 2 * setting.rounds if m.label == setting.baseline else setting.rounds
+        specs += [Spec(setting.name, m, best, s, rounds) for s in REPORT_SEEDS]
+        if m.label != setting.baseline:
+            continue
+        specs += [Spec(setting.name, m, pt, s, setting.rounds) for pt in ties(scores, best) for s in REPORT_SEEDS]
+        for f in setting.budgets:
+            rb = f * setting.rounds
+            todo_b, _, best_b = search(setting, m, rb, center=best)
+            specs += [Spec(setting.name, m, pt, s, rb) for pt in todo_b for s in TUNE_SEEDS]
+            if best_b is not None:
+                chosen[budget_key(m.label, rb)] = best_b
+                specs += [Spec(setting.name, m, best_b, s, rb) for s in REPORT_SEEDS]
     return specs, chosen
 
 
@@ -462,6 +502,10 @@ def progress(setting: Setting) -> str:
     todo = [s.name for s in specs if load_result(s) is None]
     lines = [f"{setting.name}: {len(_stored(setting.name))} runs stored; needed now: {len(todo)} runs"]
     lines += [f"  chosen: {m.label} at {_fmt_point(m, chosen[m.label])}" for m in setting.methods if m.label in chosen]
+    base = next(m for m in setting.methods if m.label == setting.baseline)
+    lines += [f"  chosen for {f * setting.rounds} rounds: {base.label} at "
+              f"{_fmt_point(base, chosen[budget_key(base.label, f * setting.rounds)])}"
+              for f in setting.budgets if budget_key(base.label, f * setting.rounds) in chosen]
     lines += [f"  to run: {n}" for n in todo]
     return "\n".join(lines)
 
@@ -725,20 +769,35 @@ def _splice(name: str, text: str) -> None:
         path.write_text(pattern.sub(lambda mt: mt.group(1) + text + mt.group(2), doc))
 
 
+def parse_entry(text: str) -> tuple[Setting, tuple[str, ...]]:
+    """``SETTING`` or ``SETTING:LABEL,LABEL``: a queue entry (the labels restrict it to those methods)."""
+    name, _, labels = text.partition(":")
+    if name not in SETTINGS:
+        raise argparse.ArgumentTypeError(f"unknown setting {name!r} (one of {', '.join(SETTINGS)})")
+    setting = SETTINGS[name]
+    wanted = tuple(x for x in labels.split(",") if x)
+    unknown = sorted(set(wanted) - {m.label for m in setting.methods})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{name} has no method {', '.join(unknown)} "
+                                         f"(its methods: {', '.join(m.label for m in setting.methods)})")
+    return setting, wanted
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("settings", nargs="+", choices=list(SETTINGS))
+    p.add_argument("settings", nargs="+", type=parse_entry, metavar="SETTING[:METHOD,...]",
+                   help=f"queue entries, run in the order given; settings: {', '.join(SETTINGS)}")
     p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from bench/results")
     p.add_argument("--plan", action="store_true", help="only print each setting's progress and the runs it needs now")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)), help="runs at once, one core each")
     p.add_argument("--hours", type=float, default=math.inf, help="launch no run after this many hours")
     args = p.parse_args()
     deadline = time.time() + args.hours * 3600
-    settings = [SETTINGS[name] for name in args.settings]
+    settings = list(dict.fromkeys(setting.name for setting, _ in args.settings))
     if args.plan:
-        print("\n".join(progress(setting) for setting in settings))
+        print("\n".join(progress(SETTINGS[name]) for name in settings))
         sys.exit()
     if not args.report_only:
-        run_study(settings, args.jobs, deadline)
-    for setting in settings:
-        print(report(setting), flush=True)
+        run_study(args.settings, args.jobs, deadline)
+    for name in settings:
+        print(report(SETTINGS[name]), flush=True)

@@ -117,6 +117,9 @@ class Setting:
     # the baseline is also tuned, on its own lr line, for each budget f x `rounds` (f = 2: the
     # communication of the two-round methods), so that a longer comparison meets it at its best
     budgets: tuple[int, ...] = (2,)
+    # the method with the same samples (gradient evaluations) per update as a two-gradient one,
+    # paired with it at equal compute (the datacenter settings: SGD on a twice-larger batch)
+    compute_baseline: str = ""
 
 
 # FedProx's mu: besides the search's neighbours, 0.00125, 0.08 and 1.28 (2^-3, 2^3, 2^7 x 0.01) at
@@ -200,7 +203,7 @@ SETTINGS = {s.name: s for s in [
             [*DC, *DC_EXT], "lbsgd", 600, 1 / 47,
             note="mlp (784-200-200-47); scaffold with K = 1 takes g_i on the whole shard; "
                  "lbsgd-2x-batch spends GradAlign's two gradient evaluations per update on one twice-larger batch",
-            pairs=(("gradalign-previous", "gradalign", 1.0),)),
+            pairs=(("gradalign-previous", "gradalign", 1.0),), compute_baseline="lbsgd-2x-batch"),
     Setting("cifar10-fed", "CIFAR-10, cnn_cifar, 10 IID clients, all sampled, K = 20, batch 100 (Figure 2, top)",
             "configs/offline/cifar10-iid-fedavg.yaml", [*CIFAR, "algorithm.local_steps=20",
                                                         "algorithm.local_batch_size=100"],
@@ -208,7 +211,7 @@ SETTINGS = {s.name: s for s in [
             pairs=(FEDGA_VS_SCAFFOLD,)),
     Setting("cifar10-dc", "CIFAR-10, cnn_cifar, 10 workers x 500 samples per update (Figure 2, bottom)",
             "configs/offline/cifar10-datacenter-lbsgd.yaml", CIFAR,
-            _dc_at_500(), "lbsgd", 400, 0.1),
+            _dc_at_500(), "lbsgd", 400, 0.1, compute_baseline="lbsgd-2x-batch"),
     Setting("cifar10-fed-mlp", "CIFAR-10, mlp, 10 IID clients, all sampled, K = 20, batch 100 (Figure 2, top, on the CPU)",
             "configs/offline/cifar10-iid-fedavg.yaml", [*CIFAR_MLP, "algorithm.local_steps=20",
                                                         "algorithm.local_batch_size=100"],
@@ -221,7 +224,7 @@ SETTINGS = {s.name: s for s in [
             "configs/offline/cifar10-datacenter-lbsgd.yaml", CIFAR_MLP,
             _dc_at_500(scaffold=("algorithm.full_grad_batch=500",)), "lbsgd", 400, 0.1,
             note=CIFAR_MLP_NOTE + "; scaffold's control variates on 500 samples (with K = 1 and every worker in, "
-                 "its update is SGD's whatever their batch)"),
+                 "its update is SGD's whatever their batch)", compute_baseline="lbsgd-2x-batch"),
 ]}
 
 
@@ -550,47 +553,146 @@ def _fmt_point(method: Method, point: tuple) -> str:
     return ", ".join(f"{p} {method.value(p, k):g}" for p, k in point)
 
 
+def _tuning_rows(setting: Setting, m: Method, rounds: int, label: str) -> list[str]:
+    """The tuning table's rows of one search (``m`` at ``rounds`` rounds)."""
+    center = () if rounds == setting.rounds else plan(setting)[1].get(m.label, ())
+    _, scores, best = search(setting, m, rounds, center)
+    lines = []
+    for pt in sorted(scores, key=lambda pt: tuple(k for _, k in pt)):
+        sc = scores[pt]
+        res = [load_result(Spec(setting.name, m, pt, s, rounds)) for s in TUNE_SEEDS]
+        if not any(res):
+            continue
+        cells = ["-" if r is None else _pct(v) + (" d" if r["status"] == "diverged" else "")
+                 for v, r in zip(sc, res)]
+        mean = "-" if None in sc else _pct(float(np.mean(sc)))
+        mark = (lambda t: f"**{t}**") if pt == best else (lambda t: t)
+        lines.append(f"| {label} | {mark(_fmt_point(m, pt))} | " + " | ".join(cells) + f" | {mark(mean)} |")
+    if best is None:
+        lines.append(f"| {label} | (search not finished) | " + " | ".join("" for _ in TUNE_SEEDS) + " | |")
+    elif any(abs(k) == m.cap(p) for p, k in best):
+        lines.append(f"| {label} | chosen point at the grid cap: not bracketed | |")
+    return lines
+
+
 def tuning_table(setting: Setting) -> str:
     lines = [f"Validation accuracy (%) of every tuned point, seeds {', '.join(map(str, TUNE_SEEDS))} "
              f"(mean of the last {SCORE_EVALS} evaluations; a diverged run counts as chance, marked d; "
              "a point with a tuning seed not run, -, is listed but not scored: the search needs both seeds). "
-             "Bold: chosen.", "", "| method | point | " + " | ".join(f"seed {s}" for s in TUNE_SEEDS)
-             + " | mean |", "|---|---|" + "---|" * (len(TUNE_SEEDS) + 1)]
+             f"Bold: chosen. The baseline is tuned again for each longer budget ({setting.baseline} (N rounds): "
+             f"its lr line centred on its {setting.rounds}-round choice).", "",
+             "| method | point | " + " | ".join(f"seed {s}" for s in TUNE_SEEDS) + " | mean |",
+             "|---|---|" + "---|" * (len(TUNE_SEEDS) + 1)]
     for m in setting.methods:
-        _, scores, best = search(setting, m)
-        for pt in sorted(scores, key=lambda pt: tuple(k for _, k in pt)):
-            sc = scores[pt]
-            res = [load_result(Spec(setting.name, m, pt, s, setting.rounds)) for s in TUNE_SEEDS]
-            if not any(res):
-                continue
-            cells = ["-" if r is None else _pct(v) + (" d" if r["status"] == "diverged" else "")
-                     for v, r in zip(sc, res)]
-            mean = "-" if None in sc else _pct(float(np.mean(sc)))
-            mark = (lambda t: f"**{t}**") if pt == best else (lambda t: t)
-            lines.append(f"| {m.label} | {mark(_fmt_point(m, pt))} | " + " | ".join(cells) + f" | {mark(mean)} |")
-        if best is None:
-            lines.append(f"| {m.label} | (search not finished) | " + " | ".join("" for _ in TUNE_SEEDS) + " | |")
-        elif any(abs(k) == CAP for _, k in best):
-            lines.append(f"| {m.label} | chosen point at the grid cap 2^+-{CAP}: not bracketed | |")
+        lines += _tuning_rows(setting, m, setting.rounds, m.label)
+        if m.label == setting.baseline:
+            for f in setting.budgets:
+                lines += _tuning_rows(setting, m, f * setting.rounds, f"{m.label} ({f * setting.rounds} rounds)")
     return "\n".join(lines) + "\n"
 
 
 def _reporting_results(setting: Setting, chosen: dict) -> dict:
+    """{label: reporting runs at the chosen point} (the baseline's run for 2R rounds), and
+    {budget_key: the baseline's reporting runs at its choice for that budget}."""
     out = {}
-    for m in setting.methods:
-        if m.label not in chosen:
+    base = next(m for m in setting.methods if m.label == setting.baseline)
+    wanted = [(m, m.label, chosen.get(m.label), 2 * setting.rounds if m is base else setting.rounds)
+              for m in setting.methods]
+    wanted += [(base, budget_key(base.label, f * setting.rounds), chosen.get(budget_key(base.label, f * setting.rounds)),
+                f * setting.rounds) for f in setting.budgets]
+    for m, key, point, rounds in wanted:
+        if point is None:
             continue
-        rounds = 2 * setting.rounds if m.label == setting.baseline else setting.rounds
-        res = [load_result(Spec(setting.name, m, chosen[m.label], s, rounds)) for s in REPORT_SEEDS]
+        res = [load_result(Spec(setting.name, m, point, s, rounds)) for s in REPORT_SEEDS]
         if all(res):
-            out[m.label] = res
+            out[key] = res
     return out
+
+
+def verdict(lo: float, hi: float) -> str:
+    """The verdict an interval supports: above zero, below zero, or not resolved."""
+    return "above zero" if lo > 0 else "below zero" if hi < 0 else "not resolved"
+
+
+def _row_at(result: dict, rnd: int) -> dict:
+    rows = [x for x in result["rows"] if x["round"] <= rnd]
+    return rows[-1] if rows else {}
+
+
+def _used(runs: list[dict], key: str, R: int) -> float | None:
+    """What the finished ``runs`` have used of ``key`` (comm_rounds, samples) by round R (their maximum)."""
+    vals = [x[key] for r in runs if r["status"] == "finished" for x in r["rows"] if x["round"] == R and key in x]
+    return max(vals) if vals else None
+
+
+def _first_round(runs: list[dict], key: str, amount: float, last: int) -> int | None:
+    """The first evaluated round <= ``last`` by which the longest of ``runs`` has used ``amount`` of ``key``."""
+    longest = max(runs, key=lambda r: len(r["rows"]))
+    return next((x["round"] for x in longest["rows"] if "test_acc" in x and x["round"] <= last
+                 and x.get(key, 0) >= amount * (1 - 1e-9)), None)
+
+
+def comparisons(setting: Setting, results: dict, chosen: dict, label: str) -> dict:
+    """``label`` against the baseline on the three axes, each ``{"diff": (d, lo, hi), "verdict",
+    "against"}`` or ``{"missing": why}``:
+
+    - rounds: the baseline at its R-round choice, at round R (equal updates in the datacenter);
+    - communication: the baseline at the rounds that match the method's communication rounds by
+      round R, at its choice for that budget (``Setting.budgets``);
+    - compute: the first of the setting's ``compute_baseline`` at R (when its samples are the
+      method's), the baseline's R-round choice, then its longer budgets' choices, read at the first
+      evaluated round by which it has used the method's samples (gradient evaluations)."""
+    R, base = setting.rounds, setting.baseline
+    bm = next(m for m in setting.methods if m.label == base)
+    a = [final_test(setting, r, R) for r in results[label]]
+
+    def against(runs, rnd, what):
+        d = paired(a, [final_test(setting, r, rnd) for r in runs])
+        return {"diff": d, "verdict": verdict(d[1], d[2]), "against": what}
+
+    budgets = [(R, results[base], chosen[base])] + [
+        (f * R, results[budget_key(base, f * R)], chosen[budget_key(base, f * R)])
+        for f in setting.budgets if budget_key(base, f * R) in results]
+    out = {"rounds": against(results[base], R, f"{base} round {R}, {_fmt_point(bm, chosen[base])}")}
+    comm, base_comm = _used(results[label], "comm_rounds", R), _used(results[base], "comm_rounds", R)
+    match = [b for b in budgets if comm is not None and base_comm and b[0] == round(R * comm / base_comm)]
+    if match:
+        rnd, runs, pt = match[0]
+        out["communication"] = against(runs, rnd, f"{base} round {rnd}, {_fmt_point(bm, pt)} tuned for {rnd}")
+    else:
+        out["communication"] = {"missing": f"{base} not yet tuned for {comm / base_comm:.2g}x its rounds"
+                                if comm and base_comm else "no finished run"}
+    samples = _used(results[label], "samples", R)
+    cb = setting.compute_baseline
+    if samples is None:
+        out["compute"] = {"missing": "no finished run"}
+    elif cb and cb != label and cb in results and _used(results[cb], "samples", R) == samples:
+        cm = next(m for m in setting.methods if m.label == cb)
+        out["compute"] = against(results[cb], R, f"{cb} round {R}, {_fmt_point(cm, chosen[cb])}")
+    else:
+        for rnd, runs, pt in budgets:
+            at = _first_round(runs, "samples", samples, rnd)
+            if at is not None:
+                out["compute"] = against(runs, at, f"{base} round {at}, {_fmt_point(bm, pt)} tuned for {rnd}")
+                break
+        else:
+            ratio = samples / _used(results[base], "samples", R)
+            out["compute"] = {"missing": f"{base} would need {ratio:.2g}x its round-{R} samples, past its longest "
+                                         f"tuned budget ({budgets[-1][0]} rounds)"}
+    return out
+
+
+def _cell(c: dict) -> str:
+    if "missing" in c:
+        return f"- ({c['missing']})"
+    return f"{_diff(*c['diff'])} {c['verdict']} ({c['against']})"
 
 
 def report_tables(setting: Setting) -> tuple[str, dict]:
     _, chosen = plan(setting)
     results = _reporting_results(setting, chosen)
     R, base = setting.rounds, setting.baseline
+    bm = next(m for m in setting.methods if m.label == base)
     lines = [f"Final test accuracy (%) at round {R} (mean of the last {SCORE_EVALS} evaluations of each run), fresh "
              f"seeds {', '.join(map(str, REPORT_SEEDS))} (mean +- sample std over the seeds; diverged runs scored at "
              "chance and counted).", "",
@@ -601,25 +703,22 @@ def report_tables(setting: Setting) -> tuple[str, dict]:
     def at(res, rnd):
         return [final_test(setting, r, rnd) for r in res]
 
-    def row_at(r, rnd):
-        rows = [x for x in r["rows"] if x["round"] <= rnd]
-        return rows[-1] if rows else {}
-
-    entries = [(m, R) for m in setting.methods if m.label in results]
+    entries = [(m, m.label, m.label, R) for m in setting.methods if m.label in results]
     if base in results:
-        entries.append((next(m for m in setting.methods if m.label == base), 2 * R))
-    for m, rnd in entries:
-        res = results[m.label]
+        entries.append((bm, base, f"{base} ({2 * R} rounds, at its {R}-round choice)", 2 * R))
+    entries += [(bm, budget_key(base, f * R), f"{base} ({f * R} rounds, tuned for {f * R})", f * R)
+                for f in setting.budgets if budget_key(base, f * R) in results]
+    for m, key, label, rnd in entries:
+        res = results[key]
         accs = at(res, rnd)
         div = sum(r["status"] == "diverged" for r in res)
-        last = [row_at(r, rnd) for r in res]
-        label = m.label if rnd == R else f"{m.label} ({rnd} rounds)"
-        lines.append(f"| {label} | {_fmt_point(m, chosen[m.label])} | {_pct(np.mean(accs))} +- "
+        last = [_row_at(r, rnd) for r in res]
+        lines.append(f"| {label} | {_fmt_point(m, chosen[key])} | {_pct(np.mean(accs))} +- "
                      f"{_pct(np.std(accs, ddof=1))} | {div}/{len(res)} | {last[0].get('comm_rounds')} | "
                      f"{last[0].get('updates')} | {last[0].get('samples', 0) / 1e6:.2f} | "
                      f"{np.mean([x.get('time', math.nan) for x in last]):.0f} |")
-        summary["methods"][label] = {"params": {p: m.value(p, k) for p, k in chosen[m.label]},
-                                     "test_acc": accs, "diverged": div}
+        summary["methods"][label if rnd == R else f"{key} ({rnd} rounds)"] = {
+            "params": {p: m.value(p, k) for p, k in chosen[key]}, "test_acc": accs, "diverged": div}
     if base in results:
         def val_at(rnd):
             return np.mean([next((x["val_acc"] for x in r["rows"] if x["round"] == rnd and "val_acc" in x),
@@ -627,61 +726,123 @@ def report_tables(setting: Setting) -> tuple[str, dict]:
         early, late, longer = val_at(int(0.8 * R)), val_at(R), val_at(2 * R)
         summary["flatness"] = {"val_acc_0.8R": early, "val_acc_R": late, "val_acc_2R": longer}
         lines += ["", f"Flatness: {base}'s validation accuracy (mean over the seeds) is {_pct(early)}% at round "
-                  f"{int(0.8 * R)}, {_pct(late)}% at round {R} (+{100 * (late - early):.2f} points over the last "
-                  f"20%) and {_pct(longer)}% at round {2 * R}."]
-        lines += ["", f"Paired differences against {base} on the same seeds (percentage points, mean and 95% t "
-                  "confidence interval over the seeds; positive = better than the baseline). Equal samples: "
-                  f"{base} at the first evaluated round where it has used as many samples (gradient evaluations) as "
-                  f"the method by round {R}; - where that is past {2 * R}:", "",
-                  f"| method | vs {base} at equal rounds ({R}) | vs {base} at {2 * R} rounds (equal communication "
-                  f"for two-round methods) | vs {base} at equal samples |", "|---|---|---|---|"]
+                  f"{int(0.8 * R)}, {_pct(late)}% at round {R} ({100 * (late - early):+.2f} points over the last "
+                  f"20%) and {_pct(longer)}% at round {2 * R} (its {R}-round lr)."]
+    complete = base in results and all(budget_key(base, f * R) in results for f in setting.budgets)
+    if base in results:
+        cb = f"; `{setting.compute_baseline}` where its samples are the method's" if setting.compute_baseline else ""
+        lines += ["", f"Paired differences against {base} on the same seeds (percentage points, mean, 95% t "
+                  "confidence interval over the seeds and the verdict it supports; positive = better than the "
+                  f"baseline), on three axes. Equal communication: {base} at the rounds that spend the method's "
+                  f"communication rounds, at its lr tuned for that budget. Equal rounds: {base} at round {R}. Equal "
+                  f"compute: {base} at the first evaluated round by which it has used the method's samples (gradient "
+                  f"evaluations), from the shortest tuned budget that reaches them{cb}."
+                  + ("" if complete else f" ({base}'s longer budgets are not all tuned yet: - where missing.)"), "",
+                  "| method | equal communication | equal rounds | equal compute |", "|---|---|---|---|"]
         for m in setting.methods:
             if m.label == base or m.label not in results:
                 continue
-            a = at(results[m.label], R)
-            matched = equal_samples_round(results[m.label], results[base], R)
-            diffs = {str(rnd): paired(a, at(results[base], rnd)) for rnd in (R, 2 * R)}
-            cells = [_diff(*v) for v in diffs.values()]
-            if matched is None:
-                cells.append("-")
-            else:
-                diffs["samples"] = paired(a, at(results[base], matched))
-                diffs["samples_round"] = matched
-                cells.append(f"{_diff(*diffs['samples'])} (round {matched})")
-            lines.append(f"| {m.label} | " + " | ".join(cells) + " |")
-            summary["methods"][m.label]["paired"] = diffs
+            c = comparisons(setting, results, chosen, m.label)
+            lines.append(f"| {m.label} | {_cell(c['communication'])} | {_cell(c['rounds'])} | {_cell(c['compute'])} |")
+            summary["methods"][m.label]["axes"] = c
         lines += sensitivity(setting, results, summary)
     lines += grad_variance_line(setting, results, summary)
+    lines += grad_variance_common_lr(setting, chosen, summary)[0]
     lines += pair_table(setting, results, summary)
+    lines += other_runs(setting, chosen)
     return "\n".join(lines) + "\n", {"summary": summary, "results": results, "chosen": chosen}
-
-
-def equal_samples_round(runs: list[dict], base_runs: list[dict], R: int) -> int | None:
-    """The baseline's first evaluated round at which it has used at least the samples that
-    ``runs`` used by round R (None if no finished run says how many, or the baseline never does)."""
-    used = [x["samples"] for r in runs if r["status"] == "finished" for x in r["rows"] if x["round"] == R and "samples" in x]
-    if not used:
-        return None
-    longest = max(base_runs, key=lambda r: len(r["rows"]))
-    return next((x["round"] for x in longest["rows"] if "test_acc" in x and x.get("samples", 0) >= max(used)), None)
 
 
 def grad_variance_line(setting: Setting, results: dict, summary: dict) -> list[str]:
     """The diagnostic r(x) at the end of training: each run's mean over its logged values in the
     last 30% of the rounds, then the geometric mean over the reporting seeds (r(x) spreads over
     orders of magnitude across runs, so the arithmetic mean would follow one seed)."""
-    lo, cells = int(0.7 * setting.rounds), []
+    cells = []
     for m in setting.methods:
-        per_run = [[x[GRAD_VARIANCE] for x in r["rows"] if lo < x["round"] <= setting.rounds and GRAD_VARIANCE in x]
-                   for r in results.get(m.label, [])]
-        if per_run and all(per_run):
-            g = float(np.exp(np.mean([np.log(np.mean(v)) for v in per_run])))
+        g = _late_grad_variance(setting, results.get(m.label, []))
+        if g is not None:
             summary["methods"][m.label]["grad_variance"] = g
             cells.append(f"{m.label} {g:.3g}")
     if not cells:
         return []
-    return ["", f"Gradient variance r(x) (`{GRAD_VARIANCE}`) over rounds {lo + 1}-{setting.rounds}: the mean of each run's "
-            f"logged values, geometric mean over the reporting seeds: {'; '.join(cells)}."]
+    lo = int(0.7 * setting.rounds)
+    return ["", f"Gradient variance r(x) (`{GRAD_VARIANCE}`, over the round's sampled clients) over rounds "
+            f"{lo + 1}-{setting.rounds}, each method at its chosen step: the mean of each run's logged values, "
+            f"geometric mean over the reporting seeds: {'; '.join(cells)}."]
+
+
+def _late_grad_variance(setting: Setting, runs: list[dict]) -> float | None:
+    lo = int(0.7 * setting.rounds)
+    per_run = [[x[GRAD_VARIANCE] for x in r["rows"] if lo < x["round"] <= setting.rounds and GRAD_VARIANCE in x]
+               for r in runs]
+    if not per_run or not all(per_run):
+        return None
+    return float(np.exp(np.mean([np.log(np.mean(v)) for v in per_run])))
+
+
+def common_lr_runs(setting: Setting, chosen: dict) -> tuple[float | None, dict]:
+    """(lr, {label: tuning runs}): the step at which the most methods have a stored tuning point
+    (both tuning seeds, their other parameters at their chosen values; ties go to the baseline's
+    chosen lr, then the smaller lr), so that r(x) can be compared at one step size: it falls
+    steeply with the step, so the methods' chosen points alone confound the two."""
+    found: dict[float, dict] = {}
+    for m in setting.methods:
+        if m.label not in chosen or "lr" not in m.tune:
+            continue
+        others = tuple((p, k) for p, k in chosen[m.label] if p != "lr")
+        for path in _stored(setting.name):
+            r = _read(path)
+            if (r.get("label") == m.label and r["seed"] in TUNE_SEEDS and r["rounds"] == setting.rounds
+                    and all(abs(r["params"][p] - m.value(p, k)) < 1e-12 for p, k in others)):
+                found.setdefault(r["params"]["lr"], {}).setdefault(m.label, []).append(r)
+    found = {lr: {k: v for k, v in runs.items() if len(v) == len(TUNE_SEEDS)} for lr, runs in found.items()}
+    if not found:
+        return None, {}
+    bm = next(m for m in setting.methods if m.label == setting.baseline)
+    base_lr = bm.value("lr", dict(chosen.get(setting.baseline, ())).get("lr", 0))
+    lr = max(found, key=lambda v: (len(found[v]), v == base_lr, -v))
+    return lr, found[lr]
+
+
+def grad_variance_common_lr(setting: Setting, chosen: dict, summary: dict) -> tuple[list[str], dict]:
+    lr, runs = common_lr_runs(setting, chosen)
+    cells = []
+    for m in setting.methods:
+        g = _late_grad_variance(setting, runs.get(m.label, []))
+        if g is not None:
+            val = float(np.mean([score(setting, r) for r in runs[m.label]]))
+            summary.setdefault("grad_variance_common_lr", {"lr": lr})[m.label] = {"grad_variance": g, "val_acc": val}
+            cells.append(f"{m.label} {g:.3g} ({_pct(val)}% validation)")
+    if len(cells) < 2:
+        return [], runs
+    return ["", f"The same r(x) at one step size, lr {lr:g} for every method (their other parameters at the chosen "
+            f"values; tuning seeds {', '.join(map(str, TUNE_SEEDS))}, geometric mean): {'; '.join(cells)}."], runs
+
+
+def other_runs(setting: Setting, chosen: dict) -> list[str]:
+    """Reporting-seed runs that no table above uses (a search that moved, a point abandoned): listed,
+    so that every run counts."""
+    used, R = set(), setting.rounds
+    specs, _ = plan(setting)
+    used = {s.name for s in specs}
+    rows = {}
+    for path in _stored(setting.name):
+        r = _read(path)
+        if r["seed"] in REPORT_SEEDS and r["name"] not in used:
+            key = (r["label"], tuple(sorted(r["params"].items())), r["rounds"])
+            rows.setdefault(key, []).append(r)
+    if not rows:
+        return []
+    lines = ["", "Other reporting-seed runs, in no table above (test accuracy at their last round, mean +- std "
+             "over the seeds stored):", "", "| method | point | rounds | seeds | test acc (%) | diverged |",
+             "|---|---|---|---|---|---|"]
+    for (label, params, rounds), runs in sorted(rows.items()):
+        accs = [final_test(setting, r, rounds) for r in runs]
+        lines.append(f"| {label} | {', '.join(f'{p} {v:g}' for p, v in params)} | {rounds} | "
+                     f"{', '.join(str(r['seed']) for r in sorted(runs, key=lambda r: r['seed']))} | "
+                     f"{_pct(np.mean(accs))} +- {_pct(np.std(accs, ddof=1)) if len(accs) > 1 else '-'} | "
+                     f"{sum(r['status'] == 'diverged' for r in runs)}/{len(runs)} |")
+    return lines
 
 
 def pair_table(setting: Setting, results: dict, summary: dict) -> list[str]:
@@ -720,7 +881,7 @@ def sensitivity(setting: Setting, results: dict, summary: dict) -> list[str]:
     return lines
 
 
-def plots(setting: Setting, results: dict, out: Path) -> list[str]:
+def plots(setting: Setting, results: dict, chosen: dict, out: Path) -> list[str]:
     groups = []
     for m in setting.methods:
         if m.label not in results:
@@ -738,35 +899,154 @@ def plots(setting: Setting, results: dict, out: Path) -> list[str]:
         paths.append(str(path))
     if plot_grad_variance(groups, out / "grad_variance.png", GRAD_VARIANCE):
         paths.append(str(out / "grad_variance.png"))
+    lr, common = common_lr_runs(setting, chosen)
+    same = [Group(f"{label} (lr {lr:g})", flatten(runs[0]["config"]),
+                  [Run(Path(r["name"]), flatten(r["config"]), r["rows"]) for r in runs], label)
+            for label, runs in common.items()]
+    if len(same) > 1 and plot_grad_variance(same, out / "grad_variance_common_lr.png", GRAD_VARIANCE,
+                                            title=f"r(x) at one step size, lr {lr:g} (tuning seeds)"):
+        paths.append(str(out / "grad_variance_common_lr.png"))
     return paths
 
 
-def report(setting: Setting) -> str:
-    out = DOCS / setting.name
-    out.mkdir(parents=True, exist_ok=True)
+def report_text(setting: Setting) -> tuple[str, dict]:
+    """The setting's section of BENCHMARKS.md without its plots, and the data behind it (no file
+    is written: what ``tests/test_study_claims.py`` regenerates)."""
     tables, data = report_tables(setting)
-    paths = plots(setting, data["results"], out)
-    migrate(setting.name)
     n = len(_stored(setting.name))
     hours = sum(max((r.get("time", 0) for r in _read(p)["rows"]), default=0) for p in _stored(setting.name)) / 3600
     text = (f"### {setting.title}\n\n{setting.note + '. ' if setting.note else ''}{setting.rounds} rounds; "
             f"{n} runs stored in `bench/results/{setting.name}/` ({hours:.1f} core-hours of training).\n\n"
-            f"**Tuning (validation).** {tuning_table(setting)}\n**Reporting (test, fresh seeds).** {tables}\n"
-            + "".join(f"![{Path(p).stem}](docs/study/{setting.name}/{Path(p).name})\n" for p in paths))
+            f"**Tuning (validation).** {tuning_table(setting)}\n**Reporting (test, fresh seeds).** {tables}\n")
+    return text, data
+
+
+def report(setting: Setting) -> str:
+    """Write the setting's section (tables and plots) into docs/study/<setting>/ and BENCHMARKS.md,
+    its summary.json, and the claims table and README summary from every setting's summary."""
+    out = DOCS / setting.name
+    out.mkdir(parents=True, exist_ok=True)
+    migrate(setting.name)
+    text, data = report_text(setting)
+    paths = plots(setting, data["results"], data["chosen"], out)
+    text += "".join(f"![{Path(p).stem}](docs/study/{setting.name}/{Path(p).name})\n" for p in paths)
     (out / "report.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(data["summary"], indent=1, default=float) + "\n")
-    _splice(setting.name, text)
+    splice(REPO / "BENCHMARKS.md", f"study:{setting.name}", text)
+    write_claims()
     return text
 
 
+# ---------------------------------------------------------------- the paper's claims, from the summaries
 
-def _splice(name: str, text: str) -> None:
-    """Replace the block between ``<!-- study:NAME -->`` and ``<!-- /study:NAME -->`` in BENCHMARKS.md."""
-    path = REPO / "BENCHMARKS.md"
+# Per CPU setting: (the paper's method, its axis, what the paper shows, its gap over the baseline
+# and over SCAFFOLD in points (differences of Table 1 means), None where it gives no number for
+# the setting). The paper's axis: communication rounds in the federated settings (its "rounds"
+# count the extra round of FedGA and SCAFFOLD), updates in the datacenter one (Figure 2, bottom).
+CLAIMS = {
+    "emnist-het": ("fedga", "communication", "Table 1, EMNIST het.: FedGA 85.95, SCAFFOLD 84.67, FedAvg 82.90",
+                   3.05, 1.28),
+    "emnist-het-mb": ("fedga", "communication", "Table 1's setting with local batch 60 (the paper's is the shard)",
+                      None, None),
+    "emnist-iid": ("fedga", "communication", "Table 1, EMNIST IID: FedGA 88.66, SCAFFOLD 88.56, FedAvg 88.32",
+                   0.34, 0.10),
+    "emnist-iid-mb": ("fedga", "communication", "Table 1's IID setting with local batch 60", None, None),
+    "emnist-dc": ("gradalign", "rounds", "Figure 2 (bottom, on CIFAR-10): GradAlign above large-batch SGD and "
+                  "SCAFFOLD by updates", None, None),
+    "cifar10-fed-mlp": ("fedga", "communication", "Table 1, CIFAR-10: FedGA 74.34, SCAFFOLD 73.89, FedAvg 73.10",
+                        1.24, 0.45),
+    "cifar10-dc-mlp": ("gradalign", "rounds", "Figure 2 (bottom): GradAlign above large-batch SGD and SCAFFOLD by "
+                       "updates", None, None),
+}
+AXIS_NAMES = {"communication": "equal communication", "rounds": "equal rounds", "compute": "equal compute"}
+
+
+def _axis(c: dict, key: str) -> str:
+    """The axis' name in a claim (a datacenter round is one update)."""
+    return "equal updates" if key == "rounds" and c["baseline"] == "lbsgd" else AXIS_NAMES[key]
+
+
+def _claim_cell(c: dict | None, paper: float | None = None) -> str:
+    if c is None or "missing" in c:
+        return "-" if c is None else f"- ({c['missing']})"
+    d, lo, hi = c["diff"]
+    text = f"{_diff(d, lo, hi)} {c['verdict']}"
+    if paper is not None:
+        text += f"; the paper's {paper:+.2f} is {'inside' if lo <= paper / 100 <= hi else 'outside'} it"
+    return text
+
+
+def claims(summaries: dict) -> list[dict]:
+    """One entry per setting with a complete summary: the paper's method against the baseline on
+    each axis and against SCAFFOLD (paired over the reporting seeds), with computed verdicts."""
+    out = []
+    for name, (method, axis, paper, gap, gap_scaffold) in CLAIMS.items():
+        s = summaries.get(name)
+        if not s or "axes" not in s["methods"].get(method, {}):
+            continue
+        axes = s["methods"][method]["axes"]
+        vs = None
+        if "scaffold" in s["methods"]:
+            d = paired(s["methods"][method]["test_acc"], s["methods"]["scaffold"]["test_acc"])
+            vs = {"diff": d, "verdict": verdict(d[1], d[2])}
+        # at equal rounds, the baseline also at its points tied on validation (the tie rule's other choices)
+        tied = {pt: paired(s["methods"][method]["test_acc"], v["test_acc"])
+                for pt, v in s.get("sensitivity", {}).items()} if axis == "rounds" else {}
+        out.append({"setting": name, "method": method, "baseline": SETTINGS[name].baseline, "axis": axis,
+                    "paper": paper, "gap": gap, "gap_scaffold": gap_scaffold, "axes": axes, "vs_scaffold": vs,
+                    "tied": {pt: {"diff": d, "verdict": verdict(d[1], d[2])} for pt, d in tied.items()}})
+    return out
+
+
+def claims_table(summaries: dict) -> str:
+    lines = ["| setting | the paper | on the paper's axis | equal rounds (updates) | equal communication | "
+             "equal compute | against SCAFFOLD (equal rounds and communication) |", "|---|---|---|---|---|---|---|"]
+    for c in claims(summaries):
+        main = c["axes"][c["axis"]]
+        tied = "".join(f"; against {c['baseline']} at its tied {pt}: {_claim_cell(t)}" for pt, t in c["tied"].items())
+        lines.append(f"| `{c['setting']}` | {c['paper']} | {c['method']} - {c['baseline']}, "
+                     f"{_axis(c, c['axis'])}: **{_claim_cell(main, c['gap'])}**{tied} | "
+                     + " | ".join(_claim_cell(c["axes"][k]) for k in ("rounds", "communication", "compute"))
+                     + f" | {c['method']} - scaffold: {_claim_cell(c['vs_scaffold'], c['gap_scaffold'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def claims_summary(summaries: dict) -> str:
+    """The README's bullets: the same numbers and verdicts as the claims table, nothing more."""
+    lines = []
+    for c in claims(summaries):
+        rest = [f"{_axis(c, k)} {_claim_cell(c['axes'][k])}" for k in ("rounds", "communication", "compute")
+                if k != c["axis"]]
+        vs = f"; against SCAFFOLD {_claim_cell(c['vs_scaffold'], c['gap_scaffold'])}" if c["vs_scaffold"] else ""
+        tied = "".join(f" (against its tied {pt}: {_claim_cell(t)})" for pt, t in c["tied"].items())
+        lines.append(f"- `{c['setting']}`: {c['method']} - {c['baseline']} at {_axis(c, c['axis'])} (the paper's "
+                     f"axis) {_claim_cell(c['axes'][c['axis']], c['gap'])}{tied}; {'; '.join(rest)}{vs}.")
+    return "\n".join(lines) + "\n"
+
+
+def load_summaries() -> dict:
+    """The committed summaries of the settings in ``CLAIMS`` (docs/study/<setting>/summary.json)."""
+    out = {}
+    for name in CLAIMS:
+        path = DOCS / name / "summary.json"
+        if path.is_file():
+            out[name] = json.loads(path.read_text())
+    return out
+
+
+def splice(path: Path, tag: str, text: str) -> None:
+    """Replace the block between ``<!-- TAG -->`` and ``<!-- /TAG -->`` in ``path``."""
     doc = path.read_text()
-    pattern = re.compile(rf"(<!-- study:{re.escape(name)} -->\n).*?(<!-- /study:{re.escape(name)} -->)", re.S)
+    pattern = re.compile(rf"(<!-- {re.escape(tag)} -->\n).*?(<!-- /{re.escape(tag)} -->)", re.S)
     if pattern.search(doc):
         path.write_text(pattern.sub(lambda mt: mt.group(1) + text + mt.group(2), doc))
+
+
+def write_claims() -> None:
+    """The claims table in BENCHMARKS.md and its summary in the README, from the committed summaries."""
+    summaries = load_summaries()
+    splice(REPO / "BENCHMARKS.md", "claims", claims_table(summaries))
+    splice(REPO / "README.md", "claims", claims_summary(summaries))
 
 
 def parse_entry(text: str) -> tuple[Setting, tuple[str, ...]]:

@@ -364,9 +364,10 @@ def _plain_log_formatter(**kwargs):
     return PlainLogFormatter(**kwargs)
 
 
-def plot_grad_variance(groups: list[Group], path: Path, key: str = "grad_variance") -> bool:
+def plot_grad_variance(groups: list[Group], path: Path, key: str = "grad_variance", title: str | None = None) -> bool:
     """``key`` (``grad_variance`` or the diagnostic ``diag_grad_variance``) against round, log y;
-    False (nothing written) if no group logs it. Colors follow the order of ``groups``."""
+    False (nothing written) if no group logs it. Colors follow the order of ``groups``; ``title``
+    replaces the first line of the default title."""
     plt = _pyplot()
     logged = [(g, c) for g, c in zip(groups, _colors(len(groups)))
               if any(r.get(key) is not None for run in g.runs for r in run.rows)]
@@ -386,7 +387,7 @@ def plot_grad_variance(groups: list[Group], path: Path, key: str = "grad_varianc
     ax.set_xlim(left=0)
     note = _seed_note([g for g, _ in logged]).replace("mean", "geometric mean").replace("std", "geometric std")
     what = "diagnostic, every algorithm" if key.startswith("diag") else "from each algorithm's own g_i"
-    ax.set_title(f"Gradient variance across clients ({what})\n({note})")
+    ax.set_title(f"{title or f'Gradient variance across clients ({what})'}\n({note})")
     _figure_legend(fig, ax)
     fig.savefig(path, dpi=120)
     plt.close(fig)

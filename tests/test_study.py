@@ -19,7 +19,8 @@ def _fake(spec, val, status="finished"):
     """A result file as run_one writes it, with one evaluated row at the end of each round budget."""
     R = spec.rounds
     last = R if status == "finished" else R // 2  # a diverged run stops before its last round
-    rows = [{"round": r, "comm_rounds": r, "updates": r, "samples": 10 * r, "time": float(r),
+    comm = 2 if spec.method.algorithm in ("fedga", "scaffold", "gradalign") else 1
+    rows = [{"round": r, "comm_rounds": comm * r, "updates": r, "samples": 10 * r, "time": float(r),
              "val_acc": val, "test_acc": val + 0.01 * (r > study.SETTINGS[spec.setting].rounds)}
             for r in range(10, last + 1, 10)]
     study.store(spec.result_path, {"name": spec.name, "label": spec.method.label, "params": spec.params,
@@ -27,15 +28,19 @@ def _fake(spec, val, status="finished"):
                                    "rows": rows, "config": {"seed": spec.seed}})
 
 
-def _drive(setting, objective, max_waves=30):
-    """Run the study's waves with ``objective(method, exps) -> val acc`` in place of training."""
+def _drive(setting, objective, max_waves=30, longer=None):
+    """Run the study's waves with ``objective(method, exps) -> val acc`` in place of training
+    (``longer(method, exps, rounds)`` for the tuning runs of the baseline's longer budgets)."""
     for _ in range(max_waves):
         specs, chosen = study.plan(setting)
         todo = [s for s in specs if study.load_result(s) is None]
         if not todo:
             return chosen
         for s in todo:
-            val = objective(s.method, dict(s.point))
+            if longer and s.rounds != setting.rounds and s.seed in study.TUNE_SEEDS:
+                val = longer(s.method, dict(s.point), s.rounds)
+            else:
+                val = objective(s.method, dict(s.point))
             _fake(s, 0.0, "diverged") if val is None else _fake(s, val)
     raise AssertionError("the search did not finish")
 
@@ -104,9 +109,16 @@ def test_report_counts_every_run_and_uses_the_baseline_at_both_lengths(setting):
     assert "| fedga |" in text and "1/5" in text
     assert data["summary"]["methods"]["fedavg"]["test_acc"] == pytest.approx([0.70] * 5)
     assert data["summary"]["methods"][f"fedavg ({2 * setting.rounds} rounds)"]["test_acc"] == pytest.approx([0.71] * 5)
-    mean_r, _, _ = data["summary"]["methods"]["fedprox"]["paired"][str(setting.rounds)]
-    mean_2r, _, _ = data["summary"]["methods"]["fedprox"]["paired"][str(2 * setting.rounds)]
-    assert mean_r == pytest.approx(0.0) and mean_2r == pytest.approx(-0.01)
+    fedprox = data["summary"]["methods"]["fedprox"]["axes"]
+    # one-round FedProx: equal communication is equal rounds; the same samples as well
+    for axis in ("rounds", "communication", "compute"):
+        assert fedprox[axis]["diff"][0] == pytest.approx(0.0) and fedprox[axis]["verdict"] == "not resolved"
+    # two-round FedGA (all 0.71; its diverged seed at chance): at equal communication against
+    # FedAvg's 2R runs (0.71 past R in _fake), at equal rounds against its R-round numbers (0.70)
+    fedga = data["summary"]["methods"]["fedga"]["axes"]
+    assert fedga["rounds"]["diff"][0] == pytest.approx((4 * 0.01 + setting.chance - 0.70) / 5)
+    assert fedga["communication"]["diff"][0] == pytest.approx((setting.chance - 0.71) / 5)
+    assert "tuned for 2000" in fedga["communication"]["against"]
 
 
 def test_a_result_made_with_other_arguments_is_not_reused(setting):
@@ -148,8 +160,8 @@ def test_scores_within_the_tolerance_tie_and_the_tie_goes_to_the_paper(setting):
     chosen = _drive(setting, objective)
     assert chosen["fedprox"] == (("lr", 1), ("mu", 0))
     _, scores, _ = study.search(setting, next(m for m in setting.methods if m.label == "fedprox"))
-    assert max(k for pt in scores for p, k in pt if p == "mu") == 1
-    assert min(k for pt in scores for p, k in pt if p == "mu") == -1
+    # the neighbours of the choice and the span, nothing more
+    assert {k for pt in scores for p, k in pt if p == "mu"} == {-3, -1, 0, 1, 3, 7}
 
 
 def test_ties_are_the_other_points_within_tolerance():
@@ -223,7 +235,7 @@ def test_the_runner_starts_the_next_needed_run_on_a_free_core_and_finishes_every
                 now[0] -= 1
 
     monkeypatch.setattr(study, "run_one", fake_run)
-    study.run_study([a, b], jobs=2, deadline=math.inf)
+    study.run_study([(a, ()), (b, ())], jobs=2, deadline=math.inf)
     assert held_saw_b == [True] and peak[0] == 2
     assert len(started) == len(set(started)), "a run started twice"
     assert started.count(held) == 1 and study.load_result(held) is None
@@ -235,7 +247,7 @@ def test_the_runner_starts_the_next_needed_run_on_a_free_core_and_finishes_every
 
 def test_the_runner_starts_nothing_after_the_deadline(setting, monkeypatch):
     monkeypatch.setattr(study, "run_one", lambda spec, core: pytest.fail("a run started after the deadline"))
-    study.run_study([setting], jobs=2, deadline=0.0)
+    study.run_study([(setting, ())], jobs=2, deadline=0.0)
 
 
 def test_gradient_variance_is_each_runs_mean_over_the_last_30_percent_then_the_geometric_mean(setting):
@@ -251,13 +263,14 @@ def test_gradient_variance_is_each_runs_mean_over_the_last_30_percent_then_the_g
     expected = 1.5 * 120 ** (1 / 5)  # each run: (seed + 1) x mean(1, 2); geometric mean of 1..5 = 120^(1/5)
     assert summary["methods"]["fedavg"]["grad_variance"] == pytest.approx(expected)
     assert "grad_variance" not in summary["methods"]["fedga"]
-    assert lines[-1].endswith(f"rounds 701-1000: the mean of each run's logged values, geometric mean over the "
-                              f"reporting seeds: fedavg {expected:.3g}.")
+    assert lines[-1].endswith(f"rounds 701-1000, each method at its chosen step: the mean of each run's logged "
+                              f"values, geometric mean over the reporting seeds: fedavg {expected:.3g}.")
 
 
-def test_equal_samples_compares_against_the_baseline_where_it_has_used_as_many_samples(setting):
-    """FedGA that used 10% more samples by round R is compared with FedAvg at round 1.1 R (from
-    the baseline's 2R-round runs); a method whose samples FedAvg never reaches gets '-'."""
+def test_equal_compute_compares_against_the_baseline_where_it_has_used_as_many_samples(setting):
+    """FedGA that used 10% more samples by round R is compared with FedAvg at round 1.1 R, read from
+    FedAvg's runs tuned for 2R; a method whose samples FedAvg never reaches within its longest
+    tuned budget gets '-' with the reason."""
     chosen = _drive(setting, lambda m, e: 0.7 - 0.01 * sum(abs(k) for k in e.values()))
     R = setting.rounds
     for label, factor in (("fedga", 1.1), ("scaffold", 2.5)):
@@ -269,8 +282,87 @@ def test_equal_samples_compares_against_the_baseline_where_it_has_used_as_many_s
                 row["samples"] = int(factor * row["samples"])
             study.store(spec.result_path, data)
     tables, data = study.report_tables(setting)
-    fedga = data["summary"]["methods"]["fedga"]["paired"]
-    assert fedga["samples_round"] == int(1.1 * R)
-    assert fedga["samples"][0] == pytest.approx(0.70 - 0.71)  # the baseline's test acc past R is 0.71 in _fake
-    assert "samples" not in data["summary"]["methods"]["scaffold"]["paired"]
-    assert f"(round {int(1.1 * R)}) |" in tables and "| scaffold | +0.00 [" in tables and tables.count(" | - |") == 1
+    fedga = data["summary"]["methods"]["fedga"]["axes"]["compute"]
+    assert fedga["against"] == f"fedavg round {int(1.1 * R)}, lr 0.05 tuned for {2 * R}"
+    assert fedga["diff"][0] == pytest.approx(0.70 - 0.71)  # the baseline's test acc past R is 0.71 in _fake
+    scaffold = data["summary"]["methods"]["scaffold"]["axes"]["compute"]
+    assert scaffold == {"missing": f"fedavg would need 2.5x its round-{R} samples, past its longest tuned budget "
+                                   f"({2 * R} rounds)"}
+    assert f"(fedavg round {int(1.1 * R)}, lr 0.05 tuned for {2 * R}) |" in tables
+
+
+def test_the_baseline_is_tuned_again_for_the_longer_budget(setting):
+    """At 2R the baseline's optimum moves to lr x2^-1 (off its R-round choice x2^0): its own line,
+    centred on the R-round choice, finds and brackets it, reports it on the fresh seeds, and the
+    two-round methods meet it there at equal communication."""
+    def objective(method, e):
+        return 0.7 - 0.01 * sum(abs(k) for k in e.values())
+
+    def longer(method, e, rounds):
+        return 0.8 - 0.01 * abs(e["lr"] + 1)
+
+    chosen = _drive(setting, objective, longer=longer)
+    R, fedavg = setting.rounds, setting.methods[0]
+    assert chosen["fedavg"] == (("lr", 0),) and chosen[study.budget_key("fedavg", 2 * R)] == (("lr", -1),)
+    tuned = set(study.stored_points(setting, fedavg, 2 * R))
+    assert tuned == {(("lr", k),) for k in (-2, -1, 0, 1)}  # the first line around 0, then -2 to bracket -1
+    assert all(study.load_result(study.Spec(setting.name, fedavg, (("lr", -1),), s, 2 * R))
+               for s in study.REPORT_SEEDS)
+    text, data = study.report_tables(setting)
+    assert "| fedavg (2000 rounds, tuned for 2000) | lr 0.025 |" in text
+    assert "| fedavg (2000 rounds) | lr 0.025 |" in study.tuning_table(setting).replace("**", "")
+    assert data["summary"]["methods"]["fedga"]["axes"]["communication"]["against"] == "fedavg round 2000, lr 0.025 tuned for 2000"
+
+
+def test_fedprox_mu_line_spans_the_usual_range_at_the_chosen_lr(setting):
+    """Besides its neighbours, FedProx's mu is run at 0.00125, 0.08 and 1.28 (the span) at its chosen
+    lr; an optimum at 0.08 is then bracketed by 0.04 and 0.16."""
+    def objective(method, e):
+        return 0.7 - 0.01 * abs(e["lr"]) - 0.01 * abs(e.get("mu", 0) - 3)
+
+    chosen = _drive(setting, objective)
+    fedprox = next(m for m in setting.methods if m.label == "fedprox")
+    assert chosen["fedprox"] == (("lr", 0), ("mu", 3))
+    mus = {fedprox.value("mu", k) for _, k in (pt[1] for pt in study.stored_points(setting, fedprox, setting.rounds))}
+    assert {0.00125, 0.04, 0.08, 0.16, 1.28} <= mus and max(mus) == 1.28
+
+
+def test_verdicts_are_computed_from_the_interval():
+    assert study.verdict(0.001, 0.02) == "above zero"
+    assert study.verdict(-0.02, -0.001) == "below zero"
+    assert study.verdict(-0.001, 0.02) == study.verdict(0.0, 0.02) == "not resolved"
+
+
+def test_queue_entries_restrict_a_setting_to_its_named_methods(setting):
+    s, labels = study.parse_entry("emnist-het-mb:fedavg,fedga")
+    assert s.name == "emnist-het-mb" and labels == ("fedavg", "fedga")
+    spec = study.next_spec([(s, ("fedga",))], set())
+    assert spec.method.label == "fedga"
+    with pytest.raises(Exception, match="has no method lbsgd"):
+        study.parse_entry("emnist-het-mb:lbsgd")
+    with pytest.raises(Exception, match="unknown setting"):
+        study.parse_entry("emnist-xyz")
+
+
+def test_reporting_runs_outside_every_table_are_listed(setting):
+    """A reporting run at a point the search left (e.g. a re-centred grid) still counts: listed."""
+    chosen = _drive(setting, lambda m, e: 0.7 - 0.01 * sum(abs(k) for k in e.values()))
+    scaffold = next(m for m in setting.methods if m.label == "scaffold")
+    for seed in (0, 1):
+        _fake(study.Spec(setting.name, scaffold, (("lr", 3),), seed, setting.rounds), 0.05)
+    text, _ = study.report_tables(setting)
+    assert "| scaffold | lr 0.4 | 1000 | 0, 1 | 5.00 +- 0.00 | 0/2 |" in text
+
+
+def test_claims_take_their_verdicts_from_the_intervals(setting, monkeypatch):
+    """The claims table and the README's bullets are built from the summaries: the verdict on the
+    paper's axis (communication, for the federated settings) and the paper's gap inside or outside."""
+    monkeypatch.setitem(study.CLAIMS, "emnist-het-mb", ("fedga", "communication", "the paper", 3.05, 1.28))
+    _drive(setting, lambda m, e: 0.7 + 0.02 * (m.label == "fedga") - 0.01 * sum(abs(k) for k in e.values()))
+    _, data = study.report_tables(setting)
+    table = study.claims_table({"emnist-het-mb": data["summary"]})
+    assert "| `emnist-het-mb` | the paper | fedga - fedavg, equal communication: **+1.00 [+1.00, +1.00] above zero; " \
+           "the paper's +3.05 is outside it** |" in table
+    bullets = study.claims_summary({"emnist-het-mb": data["summary"]})
+    assert bullets.startswith("- `emnist-het-mb`: fedga - fedavg at equal communication (the paper's axis) +1.00 "
+                              "[+1.00, +1.00] above zero; the paper's +3.05 is outside it; equal rounds +2.00")

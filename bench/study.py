@@ -12,14 +12,18 @@ Protocol, for every setting (BENCHMARKS.md states it in full):
    (the grid is capped at 2^+-6 around the paper's value; a choice at the cap is flagged).
    Score of a point: mean over the tuning seeds of the mean validation accuracy of the last
    three evaluations; a diverged run scores chance.
-3. *Reporting* on fresh seeds 0-4 at each method's chosen point: final test accuracy (mean of
-   the last three evaluations, as the tuning score), and paired
-   differences against the baseline (fedavg, or large-batch SGD in the datacenter setting) on
-   the same seeds (same partition, client samples and minibatch streams), with a 95% t
-   confidence interval. The baseline is run for 2R rounds: its first R rounds are exactly its
-   R-round run (same seed, same streams), and the 2R point is the equal-communication (and more
-   than equal-compute) comparison for the methods that spend two communication rounds per round.
-   A diverged run stays in its row, scored at chance, and is counted.
+3. *Longer budgets.* The baseline is tuned again for 2R rounds (``Setting.budgets``): its own lr
+   line on the tuning seeds, centred on its R-round choice, bracketed by the same search.
+4. *Reporting* on fresh seeds 0-4 at each method's chosen point: final test accuracy (mean of
+   the last three evaluations, as the tuning score), and paired differences against the
+   baseline (fedavg, or large-batch SGD in the datacenter setting) on the same seeds (same
+   partition, client samples and minibatch streams), with a 95% t confidence interval and the
+   verdict it supports (above zero, below zero, not resolved), on three axes: equal
+   communication (a two-round method against the baseline at 2R, at its 2R choice), equal
+   rounds, and equal compute (the baseline where it has used the method's samples; SGD on a
+   twice-larger batch against GradAlign). A diverged run stays in its row, scored at chance, and
+   is counted. The claims table (BENCHMARKS.md) and the README's summary are generated from the
+   settings' summaries.
 
 Each run imports the package afresh from this checkout: to edit the package while a study runs,
 run the study from a separate ``git worktree`` whose ``bench/results`` and ``runs`` are links to
@@ -438,10 +442,7 @@ def search(setting: Setting, method: Method, rounds: int | None = None,
     if todo:
         return todo, scores, None
     def best_so_far():
-        done = [pt for pt in scores if None not in scores[pt]]
-        top = max(np.mean(scores[pt]) for pt in done)
-        near = [pt for pt in done if np.mean(scores[pt]) >= top - TOL]
-        return min(near, key=lambda pt: (sum(abs(k - c.get(p, 0)) for p, k in pt), -np.mean(scores[pt])))
+        return leader(scores, center)
 
     while True:
         best = best_so_far()
@@ -457,6 +458,33 @@ def search(setting: Setting, method: Method, rounds: int | None = None,
             return todo, scores, None
         if best_so_far() == best:  # every neighbour run, none better
             return [], scores, best
+
+
+def leader(scores: dict, center: tuple = ()) -> tuple | None:
+    """The best point among those scored on every tuning seed (ties within TOL go to the point
+    nearest ``center``), or None."""
+    c = dict(center)
+    done = [pt for pt in scores if None not in scores[pt]]
+    if not done:
+        return None
+    top = max(np.mean(scores[pt]) for pt in done)
+    near = [pt for pt in done if np.mean(scores[pt]) >= top - TOL]
+    return min(near, key=lambda pt: (sum(abs(k - c.get(p, 0)) for p, k in pt), -np.mean(scores[pt])))
+
+
+def provisional(setting: Setting, chosen: dict) -> dict:
+    """{label: the leading point} of the methods whose search is not finished but whose leader
+    has its reporting runs stored (a line extended after the method was reported): reported,
+    marked provisional, until the search ends."""
+    out = {}
+    for m in setting.methods:
+        if m.label in chosen:
+            continue
+        _, scores, _ = search(setting, m)
+        pt = leader(scores)
+        if pt is not None and all(load_result(Spec(setting.name, m, pt, s, setting.rounds)) for s in REPORT_SEEDS):
+            out[m.label] = pt
+    return out
 
 
 def ties(scores: dict, best: tuple) -> list[tuple]:
@@ -653,7 +681,7 @@ def comparisons(setting: Setting, results: dict, chosen: dict, label: str) -> di
     budgets = [(R, results[base], chosen[base])] + [
         (f * R, results[budget_key(base, f * R)], chosen[budget_key(base, f * R)])
         for f in setting.budgets if budget_key(base, f * R) in results]
-    out = {"rounds": against(results[base], R, f"{base} round {R}, {_fmt_point(bm, chosen[base])}")}
+    out = {"rounds": against(results[base], R, f"{base} round {R}, {_fmt_point(bm, chosen[base])} tuned for {R}")}
     comm, base_comm = _used(results[label], "comm_rounds", R), _used(results[base], "comm_rounds", R)
     match = [b for b in budgets if comm is not None and base_comm and b[0] == round(R * comm / base_comm)]
     if match:
@@ -690,6 +718,8 @@ def _cell(c: dict) -> str:
 
 def report_tables(setting: Setting) -> tuple[str, dict]:
     _, chosen = plan(setting)
+    pending = provisional(setting, chosen)
+    chosen = {**chosen, **pending}
     results = _reporting_results(setting, chosen)
     R, base = setting.rounds, setting.baseline
     bm = next(m for m in setting.methods if m.label == base)
@@ -713,12 +743,14 @@ def report_tables(setting: Setting) -> tuple[str, dict]:
         accs = at(res, rnd)
         div = sum(r["status"] == "diverged" for r in res)
         last = [_row_at(r, rnd) for r in res]
-        lines.append(f"| {label} | {_fmt_point(m, chosen[key])} | {_pct(np.mean(accs))} +- "
+        mark = " (provisional: its search is not finished)" if key in pending else ""
+        lines.append(f"| {label} | {_fmt_point(m, chosen[key])}{mark} | {_pct(np.mean(accs))} +- "
                      f"{_pct(np.std(accs, ddof=1))} | {div}/{len(res)} | {last[0].get('comm_rounds')} | "
                      f"{last[0].get('updates')} | {last[0].get('samples', 0) / 1e6:.2f} | "
                      f"{np.mean([x.get('time', math.nan) for x in last]):.0f} |")
         summary["methods"][label if rnd == R else f"{key} ({rnd} rounds)"] = {
-            "params": {p: m.value(p, k) for p, k in chosen[key]}, "test_acc": accs, "diverged": div}
+            "params": {p: m.value(p, k) for p, k in chosen[key]}, "test_acc": accs, "diverged": div,
+            **({"provisional": True} if key in pending else {})}
     if base in results:
         def val_at(rnd):
             return np.mean([next((x["val_acc"] for x in r["rows"] if x["round"] == rnd and "val_acc" in x),
@@ -743,13 +775,14 @@ def report_tables(setting: Setting) -> tuple[str, dict]:
             if m.label == base or m.label not in results:
                 continue
             c = comparisons(setting, results, chosen, m.label)
-            lines.append(f"| {m.label} | {_cell(c['communication'])} | {_cell(c['rounds'])} | {_cell(c['compute'])} |")
+            label = f"{m.label} (provisional)" if m.label in pending else m.label
+            lines.append(f"| {label} | {_cell(c['communication'])} | {_cell(c['rounds'])} | {_cell(c['compute'])} |")
             summary["methods"][m.label]["axes"] = c
         lines += sensitivity(setting, results, summary)
     lines += grad_variance_line(setting, results, summary)
     lines += grad_variance_common_lr(setting, chosen, summary)[0]
     lines += pair_table(setting, results, summary)
-    lines += other_runs(setting, chosen)
+    lines += other_runs(setting, pending)
     return "\n".join(lines) + "\n", {"summary": summary, "results": results, "chosen": chosen}
 
 
@@ -819,12 +852,12 @@ def grad_variance_common_lr(setting: Setting, chosen: dict, summary: dict) -> tu
             f"values; tuning seeds {', '.join(map(str, TUNE_SEEDS))}, geometric mean): {'; '.join(cells)}."], runs
 
 
-def other_runs(setting: Setting, chosen: dict) -> list[str]:
+def other_runs(setting: Setting, pending: dict) -> list[str]:
     """Reporting-seed runs that no table above uses (a search that moved, a point abandoned): listed,
-    so that every run counts."""
-    used, R = set(), setting.rounds
+    so that every run counts. ``pending``: the provisional points, reported above."""
     specs, _ = plan(setting)
-    used = {s.name for s in specs}
+    used = {s.name for s in specs} | {Spec(setting.name, m, pending[m.label], s, setting.rounds).name
+                                      for m in setting.methods if m.label in pending for s in REPORT_SEEDS}
     rows = {}
     for path in _stored(setting.name):
         r = _read(path)

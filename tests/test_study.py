@@ -366,3 +366,18 @@ def test_claims_take_their_verdicts_from_the_intervals(setting, monkeypatch):
     bullets = study.claims_summary({"emnist-het-mb": data["summary"]})
     assert bullets.startswith("- `emnist-het-mb`: fedga - fedavg at equal communication (the paper's axis) +1.00 "
                               "[+1.00, +1.00] above zero; the paper's +3.05 is outside it; equal rounds +2.00")
+
+
+def test_a_method_whose_line_is_extended_stays_reported_as_provisional(setting):
+    """A search reopened after its method was reported (here: a span point of FedProx's mu not run
+    yet) keeps the method in the tables at its leading point, marked provisional, and schedules
+    no reporting run for it until the search ends."""
+    chosen = _drive(setting, lambda m, e: 0.7 - 0.01 * sum(abs(k) for k in e.values()))
+    fedprox = next(m for m in setting.methods if m.label == "fedprox")
+    study.Spec(setting.name, fedprox, (("lr", 0), ("mu", 7)), 101, setting.rounds).result_path.unlink()
+    specs, now = study.plan(setting)
+    assert "fedprox" not in now and all(s.seed in study.TUNE_SEEDS for s in specs if s.method is fedprox)
+    text, data = study.report_tables(setting)
+    assert f"| fedprox | lr 0.05, mu 0.01 (provisional: its search is not finished) |" in text
+    assert "| fedprox (provisional) | +0.00 [" in text and data["summary"]["methods"]["fedprox"]["provisional"]
+    assert "Other reporting-seed runs" not in text

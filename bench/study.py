@@ -678,35 +678,47 @@ def comparisons(setting: Setting, results: dict, chosen: dict, label: str) -> di
         d = paired(a, [final_test(setting, r, rnd) for r in runs])
         return {"diff": d, "verdict": verdict(d[1], d[2]), "against": what}
 
-    budgets = [(R, results[base], chosen[base])] + [
-        (f * R, results[budget_key(base, f * R)], chosen[budget_key(base, f * R)])
+    # (rounds run, runs, point, budget tuned for): the R-round choice, then each tuned longer budget
+    budgets = [(2 * R, results[base], chosen[base], R)] + [
+        (f * R, results[budget_key(base, f * R)], chosen[budget_key(base, f * R)], f * R)
         for f in setting.budgets if budget_key(base, f * R) in results]
-    out = {"rounds": against(results[base], R, f"{base} round {R}, {_fmt_point(bm, chosen[base])} tuned for {R}")}
+    # until the 2R line is finished: the R-round choice run to 2R, said to be untuned
+    fallback = [] if budget_key(base, 2 * R) in results else [(2 * R, results[base], chosen[base], None)]
+
+    def read(cand, rnd):
+        _, runs, pt, tuned = cand
+        if tuned is None:
+            c = against(runs, rnd, f"{base} round {rnd}, {_fmt_point(bm, pt)} tuned for {R} only: its {2 * R}-round "
+                                   "line is not finished")
+            return {**c, "untuned": True}
+        return against(runs, rnd, f"{base} round {rnd}, {_fmt_point(bm, pt)} tuned for {tuned}")
+
+    out = {"rounds": read(budgets[0], R)}
     comm, base_comm = _used(results[label], "comm_rounds", R), _used(results[base], "comm_rounds", R)
-    match = [b for b in budgets if comm is not None and base_comm and b[0] == round(R * comm / base_comm)]
+    target = round(R * comm / base_comm) if comm and base_comm else None
+    match = [b for b in budgets if b[3] == target] + [b for b in fallback if b[0] >= (target or math.inf)]
     if match:
-        rnd, runs, pt = match[0]
-        out["communication"] = against(runs, rnd, f"{base} round {rnd}, {_fmt_point(bm, pt)} tuned for {rnd}")
+        out["communication"] = read(match[0], target)
     else:
         out["communication"] = {"missing": f"{base} not yet tuned for {comm / base_comm:.2g}x its rounds"
-                                if comm and base_comm else "no finished run"}
+                                if target else "no finished run"}
     samples = _used(results[label], "samples", R)
     cb = setting.compute_baseline
     if samples is None:
         out["compute"] = {"missing": "no finished run"}
-    elif cb and cb != label and cb in results and _used(results[cb], "samples", R) == samples:
+        return out
+    if cb and cb != label and cb in results and _used(results[cb], "samples", R) == samples:
         cm = next(m for m in setting.methods if m.label == cb)
         out["compute"] = against(results[cb], R, f"{cb} round {R}, {_fmt_point(cm, chosen[cb])}")
-    else:
-        for rnd, runs, pt in budgets:
-            at = _first_round(runs, "samples", samples, rnd)
-            if at is not None:
-                out["compute"] = against(runs, at, f"{base} round {at}, {_fmt_point(bm, pt)} tuned for {rnd}")
-                break
-        else:
-            ratio = samples / _used(results[base], "samples", R)
-            out["compute"] = {"missing": f"{base} would need {ratio:.2g}x its round-{R} samples, past its longest "
-                                         f"tuned budget ({budgets[-1][0]} rounds)"}
+        return out
+    for cand in budgets + fallback:
+        at = _first_round(cand[1], "samples", samples, cand[3] or cand[0])
+        if at is not None:
+            out["compute"] = read(cand, at)
+            return out
+    ratio = samples / _used(results[base], "samples", R)
+    out["compute"] = {"missing": f"{base} would need {ratio:.2g}x its round-{R} samples, past its longest tuned "
+                                 f"budget ({max(b[3] for b in budgets)} rounds)"}
     return out
 
 
@@ -1004,6 +1016,8 @@ def _claim_cell(c: dict | None, paper: float | None = None) -> str:
         return "-" if c is None else f"- ({c['missing']})"
     d, lo, hi = c["diff"]
     text = f"{_diff(d, lo, hi)} {c['verdict']}"
+    if c.get("untuned"):
+        text += " (the baseline's lr not yet tuned for this budget)"
     if paper is not None:
         text += f"; the paper's {paper:+.2f} is {'inside' if lo <= paper / 100 <= hi else 'outside'} it"
     return text

@@ -381,3 +381,13 @@ def test_a_method_whose_line_is_extended_stays_reported_as_provisional(setting):
     assert f"| fedprox | lr 0.05, mu 0.01 (provisional: its search is not finished) |" in text
     assert "| fedprox (provisional) | +0.00 [" in text and data["summary"]["methods"]["fedprox"]["provisional"]
     assert "Other reporting-seed runs" not in text
+
+
+def test_until_the_longer_line_ends_equal_communication_is_against_the_untuned_baseline_and_says_so(setting):
+    _drive(setting, lambda m, e: 0.7 - 0.01 * sum(abs(k) for k in e.values()))
+    R, fedavg = setting.rounds, setting.methods[0]
+    study.Spec(setting.name, fedavg, (("lr", 1),), 101, 2 * R).result_path.unlink()
+    _, data = study.report_tables(setting)
+    comm = data["summary"]["methods"]["fedga"]["axes"]["communication"]
+    assert comm["untuned"] and comm["against"] == f"fedavg round {2 * R}, lr 0.05 tuned for {R} only: its {2 * R}-round line is not finished"
+    assert "(the baseline's lr not yet tuned for this budget)" in study._claim_cell(comm)

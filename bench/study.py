@@ -827,9 +827,10 @@ def _late_grad_variance(setting: Setting, runs: list[dict]) -> float | None:
 
 def common_lr_runs(setting: Setting, chosen: dict) -> tuple[float | None, dict]:
     """(lr, {label: tuning runs}): the step at which the most methods have a stored tuning point
-    (both tuning seeds, their other parameters at their chosen values; ties go to the baseline's
-    chosen lr, then the smaller lr), so that r(x) can be compared at one step size: it falls
-    steeply with the step, so the methods' chosen points alone confound the two."""
+    that learns (both tuning seeds, their other parameters at their chosen values, validation
+    above twice chance; ties go to the baseline's chosen lr, then the smaller lr), so that r(x)
+    can be compared at one step size: it falls steeply with the step, so the methods' chosen
+    points alone confound the two."""
     found: dict[float, dict] = {}
     for m in setting.methods:
         if m.label not in chosen or "lr" not in m.tune:
@@ -840,7 +841,10 @@ def common_lr_runs(setting: Setting, chosen: dict) -> tuple[float | None, dict]:
             if (r.get("label") == m.label and r["seed"] in TUNE_SEEDS and r["rounds"] == setting.rounds
                     and all(abs(r["params"][p] - m.value(p, k)) < 1e-12 for p, k in others)):
                 found.setdefault(r["params"]["lr"], {}).setdefault(m.label, []).append(r)
-    found = {lr: {k: v for k, v in runs.items() if len(v) == len(TUNE_SEEDS)} for lr, runs in found.items()}
+    # methods that learn at that lr (a collapsed model's r(x) says nothing about the regularizer)
+    found = {lr: {k: v for k, v in runs.items() if len(v) == len(TUNE_SEEDS)
+                  and np.mean([score(setting, r) for r in v]) > 2 * setting.chance}
+             for lr, runs in found.items()}
     if not found:
         return None, {}
     bm = next(m for m in setting.methods if m.label == setting.baseline)

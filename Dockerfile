@@ -27,7 +27,5 @@ RUN pip install torch==2.14.1 torchvision==0.29.1 && pip install . \
 COPY configs ./configs
 COPY slurm ./slurm
 
-# a fresh rendezvous store per torchrun restart (pytorch/pytorch#135712; README, failures)
-ENV TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 ENTRYPOINT ["/bin/sh", "-c", "exec torchrun --standalone --nproc_per_node \"$NPROC_PER_NODE\" -m dist_gradalign \"$@\"", "dist-gradalign"]
 CMD ["--help"]

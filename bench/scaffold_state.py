@@ -62,7 +62,7 @@ def worker(clients: int, control: str, run_dir: str) -> None:
 
 
 def run(clients: int, control: str, world: int, tmp: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
            __file__, "worker", str(clients), control, str(Path(tmp) / f"{clients}-{control}-{world}")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)

@@ -14,7 +14,8 @@ import functools
 import importlib
 import itertools
 import os
-import sys
+import time
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -45,6 +46,54 @@ def _collective(method):
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value not in (None, "") else default
+
+
+ATTEMPT_KEY = "dist_gradalign/attempt_store"  # the one key this package writes into torchrun's store
+PROBE_S = 2.0  # how long a rank tries an address read from ATTEMPT_KEY before reading it again
+
+
+def attempt_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """A store that only this attempt of the worker group uses, for a group started by a torchrun
+    agent that shares its own store with the ranks (``TORCHELASTIC_USE_AGENT_STORE=True``: its
+    default, unless ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``).
+
+    Why torch does not prevent it (torch 2.14.1): ``torch.distributed.rendezvous._create_c10d_store``
+    makes every rank a client of the agent's store with no per-attempt prefix ("We create a new
+    TCPStore for every retry so no need to add prefix for each attempt"), but the dynamic
+    rendezvous handler hosts the shared store once (``_shared_tcp_store_server``) and keeps it
+    across rounds. A group restarted by ``--max-restarts`` therefore finds the keys of the
+    attempt before it, among them gloo's addresses of ranks that no longer exist ("failed to
+    connect ... Connection refused"; pytorch/pytorch#135712). A prefix by
+    ``TORCHELASTIC_RESTART_COUNT`` would not do across nodes: an agent that restarts its healthy
+    workers because another node re-joined does not count a restart, so the counts differ.
+
+    So rank 0 hosts a new store (a free port on its host, ``MASTER_ADDR``) and publishes its port
+    with a random token under :data:`ATTEMPT_KEY` of the agent's store; every other rank reads
+    the key until the port it names answers with that token (a stale entry names a server that
+    is gone, or a port another process took since, and is read again). The group's keys then
+    live in a store no other attempt sees."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    if rank == 0:
+        own = dist.TCPStore(host, 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
+        token = uuid.uuid4().hex
+        own.set("token", token)
+        agent.set(ATTEMPT_KEY, f"{token} {own.port}")
+        return own
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        token, own_port = agent.get(ATTEMPT_KEY).decode().split()
+        try:
+            own = dist.TCPStore(host, int(own_port), world, is_master=False,
+                                timeout=datetime.timedelta(seconds=PROBE_S))
+            if own.get("token").decode() == token:
+                own.set_timeout(timeout)
+                return own
+        except RuntimeError:  # a server that is gone, or one that is not this attempt's
+            pass
+        if time.monotonic() > deadline:
+            raise CommError(f"rank {rank}: rank 0 of this attempt published no store in {timeout.total_seconds():g} s")
+        time.sleep(0.2)
 
 
 @dataclass
@@ -85,17 +134,15 @@ class Backend:
             threads = max(1, cores // max(1, local_world))
             torch.set_num_threads(min(threads, _env_int("OMP_NUM_THREADS", threads) or threads))
         launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ  # torchrun, or a SLURM step like it
-        if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" \
-                and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0:
-            print("warning: torchrun shares its rendezvous store with the ranks and may restart them: a restarted "
-                  "group can read the previous attempt's keys and fail or hang (pytorch/pytorch#135712); start "
-                  "torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment (launch/ and slurm/ do)",
-                  file=sys.stderr, flush=True)
         if (world > 1 or launched) and not dist.is_initialized():
             if compile:
                 importlib.import_module("torch._dynamo")  # before the group: see the docstring
-            dist.init_process_group("nccl" if use_cuda else "gloo",
-                                    timeout=datetime.timedelta(seconds=timeout_s),
+            timeout = datetime.timedelta(seconds=timeout_s)
+            # torchrun's agent shares its store with the ranks: build the group on a store of
+            # this attempt's own (see attempt_store); otherwise env:// (rank 0 hosts a new store)
+            store = {"store": attempt_store(rank, world, timeout), "rank": rank, "world_size": world} \
+                if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else {}
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout, **store,
                                     **({"device_id": dev} if use_cuda else {}))
         return cls(rank, world, local_rank, local_world, dev, dist.is_initialized(), timeout_s=timeout_s)
 

@@ -136,7 +136,7 @@ def run_local(runs: list[Run], nproc: int, per_device: int = 1) -> list[Run]:
         try:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                    "-m", "dist_gradalign", "train", *run.args]
-            full_env = {**os.environ, **env, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}  # see slurm/common.sh
+            full_env = {**os.environ, **env}
             if packed:
                 log = run.run_dir.with_name(run.run_dir.name + ".log")
                 log.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,6 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . launch/setup.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1  # restarts never read stale keys (README, failures)
 nproc="${NPROC:-2}"
 for algo in lbsgd gradalign fedavg fedga; do
   torchrun --standalone --nproc_per_node "$nproc" -m dist_gradalign train \

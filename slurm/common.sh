@@ -129,10 +129,6 @@ dga_launch() {
   # torchrun agents pass it on and every rank sets its stop flag; the ranks agree at the next
   # round boundary, checkpoint and exit. The job then requeues itself and the requeued job
   # resumes from that checkpoint (`train` resumes by default).
-  # A fresh store per rendezvous round for the ranks: torchrun's shared agent store keeps the
-  # previous attempt's keys, and a group restarted after a failure can read them and fail or
-  # hang (pytorch/pytorch#135712).
-  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
   DGA_PREEMPTED=0
   trap 'DGA_PREEMPTED=1; dga_log "signal received: asking the ranks to checkpoint and stop"; dga_signal_step' USR1 TERM
   srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \

@@ -4,11 +4,17 @@ run this file to repeat them and see that none fails or hangs:
 
     python tests/fault_scenarios.py --repeat 20          # sigterm and kill, 20 times each, in turn
     python tests/fault_scenarios.py --repeat 3 --scenarios hang
+    python tests/fault_scenarios.py --repeat 20 --scenarios kill --ways plain disable-share
+    sudo python tests/fault_scenarios.py --repeat 20 --scenarios kill2 --ways plain disable-share
 
-It prints one line per scenario run and, at the end, the count and the slowest time. Every
-torchrun is started with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` as the project's launchers
-do (README, "Failures"): without it torchrun's agent shares its rendezvous store with the
-workers and a restarted group can read the previous attempt's keys (pytorch/pytorch#135712).
+``--ways``: how torchrun is started. ``plain`` is torchrun as users copy it from the README: its
+agent shares its rendezvous store with the ranks, and the ranks keep one attempt's keys from
+the next themselves (``dist_gradalign.backend.attempt_store``); ``disable-share`` adds
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` (a fresh store per attempt from torch itself).
+``kill2``: the killed rank on two network-namespace nodes (2 x 2 ranks, slurm/netns-nodes.sh,
+root), checked to end bit-identical to an unbroken two-node run.
+
+It prints one line per scenario run and, at the end, the count and the slowest time.
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from util import REPO, load_params, run_dir_rows  # noqa: E402
 
-LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+LAUNCH_ENV = {"OMP_NUM_THREADS": "1"}
+WAYS = {"plain": {}, "disable-share": {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}}
 TIMEOUT = 120  # seconds for one torchrun: a scenario that has not ended by then is a hang
 ROUNDS = 100  # a run's rounds: the scenarios stop it at round 6 or 10
 
@@ -194,41 +201,87 @@ def hang_one_rank(root: Path, name: str) -> None:
     assert "resuming from" in out
 
 
+def kill_one_rank_two_nodes(root: Path, name: str) -> None:
+    """SIGKILL to one rank of node 2 (its agent lives) of a 2-node x 2-rank group under
+    --max-restarts: the agents restart their ranks in a new rendezvous round (node 1's may do so
+    for the membership change without counting a restart) and the group resumes."""
+    import test_multinode as mn
+    cfg = mn.write_cfg(root, name)
+    logs = [root / f"{name}-node1.log", root / f"{name}-node2.log"]
+    port = 29500 + int(name.removeprefix("kill2"))  # a rendezvous port of its own per run
+    procs = [mn.agent(n, cfg, name, port, logs[n - 1], "--max-restarts", "3") for n in (1, 2)]
+    ranks = mn.freeze_ranks(root / name, procs, logs, str(cfg))
+    os.kill(ranks[2][1], signal.SIGKILL)
+    mn.resume(ranks[1] + ranks[2][:1])
+    assert mn.wait(procs, logs, str(cfg)) == [0, 0], mn.tails(logs)
+    assert "resuming from" in logs[0].read_text(), mn.tails(logs)
+
+
+def reference_two_nodes(root: Path) -> Path:
+    import test_multinode as mn
+    cfg = mn.write_cfg(root, "ref2")
+    logs = [root / "ref2-node1.log", root / "ref2-node2.log"]
+    procs = [mn.agent(n, cfg, "ref2", 29499, logs[n - 1]) for n in (1, 2)]
+    assert mn.wait(procs, logs, str(cfg)) == [0, 0], mn.tails(logs)
+    return root / "ref2"
+
+
 SCENARIOS = {"sigterm": sigterm_one_rank, "kill": kill_one_rank, "hang": hang_one_rank}
+TWO_NODE_SCENARIOS = {"kill2": kill_one_rank_two_nodes}  # root and network namespaces
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeat", type=int, default=20)
-    p.add_argument("--scenarios", nargs="+", default=["sigterm", "kill"], choices=list(SCENARIOS))
-    p.add_argument("--share-store", action="store_true",
-                   help="launch torchrun as it is by default (agent store shared with the ranks), to see the failures")
+    p.add_argument("--scenarios", nargs="+", default=["sigterm", "kill"], choices=[*SCENARIOS, *TWO_NODE_SCENARIOS])
+    p.add_argument("--ways", nargs="+", default=["plain"], choices=list(WAYS),
+                   help="how torchrun is started: plain (as the README), disable-share "
+                        "(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1); each series in turn")
     p.add_argument("--keep-going", action="store_true", help="count failures instead of stopping at the first")
     args = p.parse_args()
-    if args.share_store:
-        LAUNCH_ENV["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "0"
     failures = 0
-    times: dict[str, list[float]] = {s: [] for s in args.scenarios}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        ref = reference(root)
-        for i in range(args.repeat):
-            for s in args.scenarios:
-                t0 = time.time()
-                try:
-                    SCENARIOS[s](root, f"{s}{i}")
-                    assert_same_run(ref, root / f"{s}{i}")
-                except AssertionError as e:
-                    print(f"{s} #{i + 1}: FAILED after {time.time() - t0:.1f} s\n{str(e)[-1500:]}", flush=True)
-                    failures += 1
-                    if not args.keep_going:
-                        return 1
-                    continue
-                times[s].append(time.time() - t0)
-                print(f"{s} #{i + 1}: ok in {times[s][-1]:.1f} s", flush=True)
-    for s, ts in times.items():
+    series = [(w, s) for w in args.ways for s in args.scenarios]
+    times: dict[tuple, list[float]] = {k: [] for k in series}
+    two_nodes = any(s in TWO_NODE_SCENARIOS for s in args.scenarios)
+    if two_nodes:
+        import test_multinode as mn
+        mn.sh(mn.NETNS, "down")
+        up = mn.sh(mn.NETNS, "up", "2", timeout=600)
+        if up.returncode != 0:
+            print(f"no network-namespace nodes (netns-nodes.sh up exited {up.returncode}): {up.stderr[-500:]}")
+            return 2
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            for way, s in series:
+                LAUNCH_ENV.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+                LAUNCH_ENV.update(WAYS[way])
+                if two_nodes:
+                    mn.LAUNCH_ENV.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+                    mn.LAUNCH_ENV.update(WAYS[way])
+                base = root / f"{way}-{s}"
+                base.mkdir()
+                ref = (reference_two_nodes if s == "kill2" else reference)(base)
+                for i in range(args.repeat):
+                    t0 = time.time()
+                    name = f"{s}{i}"
+                    try:
+                        {**SCENARIOS, **TWO_NODE_SCENARIOS}[s](base, name)
+                        assert_same_run(ref, base / name)
+                    except AssertionError as e:
+                        print(f"{way} {s} #{i + 1}: FAILED after {time.time() - t0:.1f} s\n{str(e)[-1500:]}", flush=True)
+                        failures += 1
+                        if not args.keep_going:
+                            return 1
+                        continue
+                    times[way, s].append(time.time() - t0)
+                    print(f"{way} {s} #{i + 1}: ok in {times[way, s][-1]:.1f} s", flush=True)
+    finally:
+        if two_nodes:
+            mn.sh(mn.NETNS, "down")
+    for (way, s), ts in times.items():
         if ts:
-            print(f"{s}: {len(ts)} of {args.repeat} passed (no retry); slowest {max(ts):.1f} s, "
+            print(f"{way} {s}: {len(ts)} of {args.repeat} passed (no retry); slowest {max(ts):.1f} s, "
                   f"median {sorted(ts)[len(ts) // 2]:.1f} s")
     return 1 if failures else 0
 

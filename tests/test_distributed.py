@@ -18,7 +18,7 @@ WORLDS = (1, 2, 4)
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -185,3 +185,47 @@ def test_torchvision_source_with_download_under_two_ranks(tmp_path):
     proc = torchrun(2, "-m", "dist_gradalign", "train", str(cfg), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(run_dir_rows(tmp_path / "run")) == 2
+
+
+def test_a_restarted_group_ignores_the_previous_attempts_store_entry(monkeypatch):
+    """attempt_store, as torchrun's agent leaves it after a restart: its shared store still names
+    the previous attempt's store (a server that is gone, and one alive but another attempt's).
+    Rank 1 must skip both and join the store rank 0 of this attempt hosts; keys written there are
+    not in the agent's store."""
+    import datetime
+    import threading
+    import torch.distributed as dist
+    from dist_gradalign import backend
+
+    timeout = datetime.timedelta(seconds=30)
+    agent = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timeout, wait_for_workers=False)
+    gone = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout, wait_for_workers=False)
+    dead_port = gone.port
+    del gone  # its server stops: the address a killed rank 0 leaves behind
+    other = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout, wait_for_workers=False)
+    other.set("token", "another-attempt")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(agent.port))
+    monkeypatch.setattr(backend, "PROBE_S", 0.5)
+    agent.set(backend.ATTEMPT_KEY, f"stale-token {dead_port}")
+    stores, errors = {}, []
+
+    def rank(r: int) -> None:
+        try:
+            stores[r] = backend.attempt_store(r, 2, timeout)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    one = threading.Thread(target=rank, args=(1,))
+    one.start()  # reads the dead entry first
+    threading.Event().wait(1.0)
+    agent.set(backend.ATTEMPT_KEY, f"another-attempt-token {other.port}")  # alive, but not this attempt's
+    threading.Event().wait(1.0)
+    zero = threading.Thread(target=rank, args=(0,))
+    zero.start()
+    zero.join(60)
+    one.join(60)
+    assert not errors and set(stores) == {0, 1}
+    assert stores[0].port == stores[1].port != other.port
+    stores[1].set("gloo/key", "x")
+    assert stores[0].get("gloo/key") == b"x" and not agent.check(["gloo/key"])

@@ -46,7 +46,7 @@ CLUSTER = REPO / "slurm" / "local-cluster.sh"
 NET = os.environ.get("DGA_NETNS_NET", "10.77.0")  # node I is NET.I (slurm/netns-nodes.sh)
 RDZV_HOST = f"{NET}.1"  # node 1
 IFACE = "dga0"  # the nodes' interface (the same name on both)
-LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", "GLOO_SOCKET_IFNAME": IFACE,
+LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": IFACE,
               "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
 TIMEOUT = 180  # seconds for one run (startup of 4 ranks on a busy 2-core machine included)
 ROUNDS = 200

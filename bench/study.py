@@ -791,11 +791,38 @@ def report_tables(setting: Setting) -> tuple[str, dict]:
             lines.append(f"| {label} | {_cell(c['communication'])} | {_cell(c['rounds'])} | {_cell(c['compute'])} |")
             summary["methods"][m.label]["axes"] = c
         lines += sensitivity(setting, results, summary)
+        lines += budget_sensitivity(setting, results, chosen, summary)
     lines += grad_variance_line(setting, results, summary)
     lines += grad_variance_common_lr(setting, chosen, summary)[0]
     lines += pair_table(setting, results, summary)
     lines += other_runs(setting, pending)
     return "\n".join(lines) + "\n", {"summary": summary, "results": results, "chosen": chosen}
+
+
+def budget_sensitivity(setting: Setting, results: dict, chosen: dict, summary: dict) -> list[str]:
+    """Where tuning for a longer budget moved the baseline's point: the methods that meet it there
+    against its shorter-budget point run as long instead, and the two baseline runs against each
+    other (what the tuning changed, on the test seeds)."""
+    R, base = setting.rounds, setting.baseline
+    bm = next(m for m in setting.methods if m.label == base)
+    lines = []
+    for f in setting.budgets:
+        key = budget_key(base, f * R)
+        if key not in results or chosen[key] == chosen[base] or f != 2:  # the R-round choice runs to 2R
+            continue
+        ref = [final_test(setting, r, f * R) for r in results[base]]
+        cells = []
+        for m in setting.methods:
+            c = summary["methods"].get(m.label, {}).get("axes", {}).get("communication", {})
+            if m.label in results and f"round {f * R}," in c.get("against", ""):
+                d = paired([final_test(setting, r, R) for r in results[m.label]], ref)
+                cells.append(f"{m.label} {_diff(*d)} {verdict(d[1], d[2])}")
+        tuned = paired([final_test(setting, r, f * R) for r in results[key]], ref)
+        summary.setdefault("budget_sensitivity", {})[str(f * R)] = {"tuned_minus_untuned": tuned}
+        lines += ["", f"Against {base} at its {R}-round choice ({_fmt_point(bm, chosen[base])}) run to {f * R} rounds "
+                  f"instead of its {f * R}-round choice ({_fmt_point(bm, chosen[key])}): {'; '.join(cells)}. The "
+                  f"{f * R}-round choice minus that run, on the test seeds: {_diff(*tuned)} {verdict(tuned[1], tuned[2])}."]
+    return lines
 
 
 def grad_variance_line(setting: Setting, results: dict, summary: dict) -> list[str]:
@@ -1040,9 +1067,19 @@ def claims(summaries: dict) -> list[dict]:
         if "scaffold" in s["methods"]:
             d = paired(s["methods"][method]["test_acc"], s["methods"]["scaffold"]["test_acc"])
             vs = {"diff": d, "verdict": verdict(d[1], d[2])}
-        # at equal rounds, the baseline also at its points tied on validation (the tie rule's other choices)
-        tied = {pt: paired(s["methods"][method]["test_acc"], v["test_acc"])
-                for pt, v in s.get("sensitivity", {}).items()} if axis == "rounds" else {}
+        # the baseline's other candidates on the paper's axis: at equal rounds its points tied on
+        # validation (the tie rule's other choices); at equal communication, where tuning for 2R
+        # moved its point, its R-round point run to 2R
+        base, R = SETTINGS[name].baseline, s["rounds"]
+        if axis == "rounds":
+            tied = {f"tied {pt}": paired(s["methods"][method]["test_acc"], v["test_acc"])
+                    for pt, v in s.get("sensitivity", {}).items()}
+        elif str(2 * R) in s.get("budget_sensitivity", {}):
+            untuned = s["methods"][f"{base} ({2 * R} rounds)"]
+            point = ", ".join(f"{p} {v:g}" for p, v in untuned["params"].items())
+            tied = {f"{R}-round {point} run to {2 * R}": paired(s["methods"][method]["test_acc"], untuned["test_acc"])}
+        else:
+            tied = {}
         out.append({"setting": name, "method": method, "baseline": SETTINGS[name].baseline, "axis": axis,
                     "paper": paper, "gap": gap, "gap_scaffold": gap_scaffold, "axes": axes, "vs_scaffold": vs,
                     "tied": {pt: {"diff": d, "verdict": verdict(d[1], d[2])} for pt, d in tied.items()}})
@@ -1054,7 +1091,7 @@ def claims_table(summaries: dict) -> str:
              "equal compute | against SCAFFOLD (equal rounds and communication) |", "|---|---|---|---|---|---|---|"]
     for c in claims(summaries):
         main = c["axes"][c["axis"]]
-        tied = "".join(f"; against {c['baseline']} at its tied {pt}: {_claim_cell(t)}" for pt, t in c["tied"].items())
+        tied = "".join(f"; against {c['baseline']} at its {pt}: {_claim_cell(t)}" for pt, t in c["tied"].items())
         lines.append(f"| `{c['setting']}` | {c['paper']} | {c['method']} - {c['baseline']}, "
                      f"{_axis(c, c['axis'])}: **{_claim_cell(main, c['gap'])}**{tied} | "
                      + " | ".join(_claim_cell(c["axes"][k]) for k in ("rounds", "communication", "compute"))
@@ -1069,7 +1106,7 @@ def claims_summary(summaries: dict) -> str:
         rest = [f"{_axis(c, k)} {_claim_cell(c['axes'][k])}" for k in ("rounds", "communication", "compute")
                 if k != c["axis"]]
         vs = f"; against SCAFFOLD {_claim_cell(c['vs_scaffold'], c['gap_scaffold'])}" if c["vs_scaffold"] else ""
-        tied = "".join(f" (against its tied {pt}: {_claim_cell(t)})" for pt, t in c["tied"].items())
+        tied = "".join(f" (against its {pt}: {_claim_cell(t)})" for pt, t in c["tied"].items())
         lines.append(f"- `{c['setting']}`: {c['method']} - {c['baseline']} at {_axis(c, c['axis'])} (the paper's "
                      f"axis) {_claim_cell(c['axes'][c['axis']], c['gap'])}{tied}; {'; '.join(rest)}{vs}.")
     return "\n".join(lines) + "\n"

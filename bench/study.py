@@ -746,10 +746,13 @@ def report_tables(setting: Setting) -> tuple[str, dict]:
         return [final_test(setting, r, rnd) for r in res]
 
     entries = [(m, m.label, m.label, R) for m in setting.methods if m.label in results]
+    same = chosen.get(budget_key(base, 2 * R)) == chosen.get(base)  # tuning for 2R kept the R-round point
     if base in results:
-        entries.append((bm, base, f"{base} ({2 * R} rounds, at its {R}-round choice)", 2 * R))
+        entries.append((bm, base, f"{base} ({2 * R} rounds, " + (f"its choice for {R} and for {2 * R})" if same else
+                                                                 f"at its {R}-round choice)"), 2 * R))
     entries += [(bm, budget_key(base, f * R), f"{base} ({f * R} rounds, tuned for {f * R})", f * R)
-                for f in setting.budgets if budget_key(base, f * R) in results]
+                for f in setting.budgets if budget_key(base, f * R) in results
+                and not (f == 2 and same)]
     for m, key, label, rnd in entries:
         res = results[key]
         accs = at(res, rnd)

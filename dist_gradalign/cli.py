@@ -79,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     from .engine import DivergenceError, Preempted, RunDirError
     try:
         if args.command == "train":
-            from .config import load_config
-            from .engine import train
-            train(load_config(args.config, args.overrides), overwrite=args.overwrite, resume=args.resume)
+            from .api import fit
+            fit(args.config, *args.overrides, overwrite=args.overwrite, resume=args.resume)
         elif args.command == "sweep":
             return _sweep(args)
         elif args.command == "report":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,20 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+# The built-in names of the parts a config chooses; each key also takes a user's import path
+# "package.module:attribute" (dist_gradalign.components resolves both the same way).
 SOURCES = ("emnist", "cifar10", "cifar100", "mnist", "fashionmnist", "npz", "npy", "imagefolder", "digits")
-STREAMING_SOURCES = ("imagefolder", "npy")  # data.storage = stream reads these lazily
-SCHEMES = ("iid", "shards", "percentage_iid", "dirichlet")
+STREAMING_SOURCES = ("imagefolder", "npy")  # built-in sources that data.storage = stream reads lazily
+SCHEMES = ("iid", "shards", "percentage_iid", "dirichlet", "by_key")
 MODELS = ("cnn_emnist", "cnn_cifar", "resnet18", "mlp", "logreg")
+LOSSES = ("cross_entropy",)
 ALGORITHMS = ("lbsgd", "fedavg", "fedprox", "scaffold", "fedga", "gradalign")
-ONE_STEP_ALGORITHMS = ("lbsgd", "gradalign")  # one update per round by definition
+IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+def is_import_path(name: str) -> bool:
+    """``package.module:attribute`` (a user's part), as opposed to a built-in name."""
+    return bool(IMPORT_PATH.match(name))
 
 
 class ConfigError(ValueError):
@@ -30,15 +39,18 @@ class ConfigError(ValueError):
 
 
 def _opt(default: Any, **rules: Any) -> Any:
-    """A field with validation rules: choices=, ge= (>=), gt= (>), lt= (<), le= (<=)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=rules)
+    """A field with validation rules: choices=, names= (a built-in name or an import path),
+    ge= (>=), gt= (>), lt= (<), le= (<=)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=rules)
     return field(default=default, metadata=rules)
 
 
 @dataclass
 class DataConfig:
-    source: str = _opt("digits", choices=SOURCES)
+    # a built-in source, or "package.module:factory" returning (train, test) map-style datasets
+    source: str = _opt("digits", names=SOURCES)
+    kwargs: dict = _opt({})  # keyword arguments of a user's data factory
     root: str = "data"
     download: bool = False
     normalize: Optional[list] = None  # [mean, std]: numbers or per-channel lists
@@ -66,14 +78,18 @@ class PartitionConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _opt("mlp", choices=MODELS)
+    name: str = _opt("mlp", names=MODELS)  # a built-in model, or "package.module:factory" of an nn.Module
+    kwargs: dict = _opt({})  # keyword arguments of a user's model factory
+    # per-sample loss (output, target) -> (B,): cross_entropy, or "package.module:function_or_class"
+    loss: str = _opt("cross_entropy", names=LOSSES)
     hidden: list[int] = _opt([200, 200])  # mlp only
     activation: str = _opt("relu", choices=("relu", "tanh"))  # mlp only; tanh is smooth
 
 
 @dataclass
 class AlgorithmConfig:
-    name: str = _opt("fedavg", choices=ALGORITHMS)
+    name: str = _opt("fedavg", names=ALGORITHMS)  # a built-in, or "package.module:Class" (an Algorithm)
+    kwargs: dict = _opt({})  # keyword arguments of a user's algorithm class, after the config
     lr: float = _opt(0.05, gt=0.0)
     local_steps: int = _opt(1, ge=1)
     local_batch_size: Union[int, Literal["full"]] = _opt(64, ge=1)
@@ -170,6 +186,8 @@ def _describe(tp: Any) -> str:
         return " or ".join("null" if a is type(None) else _describe(a) for a in args)
     if origin is list:
         return f"a list of {_describe(args[0]) if args else 'values'}"
+    if tp is dict or origin is dict:
+        return "a mapping of names to values"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -201,6 +219,9 @@ def _coerce(value: Any, tp: Any) -> Any:
                 return _coerce(value, a)
             except TypeError:
                 pass
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
     elif origin is list or tp is list:
         if isinstance(value, list):
             return [_coerce(v, args[0]) for v in value] if args else value
@@ -208,7 +229,10 @@ def _coerce(value: Any, tp: Any) -> Any:
 
 
 def _check_rules(key: str, value: Any, rules: dict) -> None:
-    if value is None or isinstance(value, (str, list)) and "choices" not in rules:
+    if "names" in rules and value not in rules["names"] and not is_import_path(value):
+        raise ConfigError(f"{key} = {value!r} is not allowed: choose one of {', '.join(rules['names'])}, or give "
+                          "an import path 'package.module:attribute' of your own")
+    if value is None or isinstance(value, (str, list, dict)) and "choices" not in rules:
         return
     if "choices" in rules and value not in rules["choices"]:
         allowed = ", ".join(rules["choices"])
@@ -276,13 +300,13 @@ def validate(cfg: Config) -> Config:
     if t.clients_per_round > p.num_clients:
         raise ConfigError(f"train.clients_per_round = {t.clients_per_round} is out of range: must be <= "
                           f"partition.num_clients = {p.num_clients}")
-    if a.global_grad != "fresh" and a.name not in ("fedga", "gradalign"):
+    if a.global_grad != "fresh" and a.name not in ("fedga", "gradalign") and not is_import_path(a.name):
         raise ConfigError(f"algorithm.global_grad = {a.global_grad!r} is not allowed for algorithm.name = {a.name!r}: "
                           "it chooses how fedga and gradalign form g; remove it")
-    if a.control != "per_round" and a.name != "scaffold":
+    if a.control != "per_round" and a.name != "scaffold" and not is_import_path(a.name):
         raise ConfigError(f"algorithm.control = {a.control!r} is not allowed for algorithm.name = {a.name!r}: "
                           "it chooses SCAFFOLD's control variates; remove it")
-    if a.name in ONE_STEP_ALGORITHMS and a.local_steps != 1:
+    if a.name in ("lbsgd", "gradalign") and a.local_steps != 1:
         raise ConfigError(f"algorithm.local_steps = {a.local_steps} is not allowed for algorithm.name = "
                           f"{a.name!r}: it takes exactly one update per round; set local_steps=1")
     if t.executor == "vectorized" and t.micro_batch_size is not None:
@@ -290,10 +314,18 @@ def validate(cfg: Config) -> Config:
                           "'vectorized' (it runs whole batches); use the sequential executor or drop it")
     if any(h < 1 for h in cfg.model.hidden):
         raise ConfigError(f"model.hidden = {cfg.model.hidden!r} is out of range: every width must be >= 1")
-    if cfg.data.storage == "stream" and cfg.data.source not in STREAMING_SOURCES:
+    lazy = cfg.data.source in STREAMING_SOURCES or is_import_path(cfg.data.source)
+    if cfg.data.storage == "stream" and not lazy:
         raise ConfigError(f"data.storage = 'stream' is not allowed for data.source = {cfg.data.source!r}: only "
-                          f"{' and '.join(STREAMING_SOURCES)} are read lazily; use storage=memory, or store the "
-                          "data as an image folder or as .npy files (python -m dist_gradalign.data.convert)")
+                          f"{' and '.join(STREAMING_SOURCES)} are read lazily (and your own datasets); use "
+                          "storage=memory, or store the data as an image folder or as .npy files "
+                          "(python -m dist_gradalign.data.convert)")
+    for key, value, builtin in (("data.kwargs", cfg.data.kwargs, cfg.data.source),
+                                ("model.kwargs", cfg.model.kwargs, cfg.model.name),
+                                ("algorithm.kwargs", cfg.algorithm.kwargs, cfg.algorithm.name)):
+        if value and not is_import_path(builtin):
+            raise ConfigError(f"{key} = {value!r} is not allowed for the built-in {builtin!r}: it is passed to a "
+                              "factory of your own (an import path 'package.module:attribute'); remove it")
     if cfg.data.source in ("npz", "npy", "imagefolder") and not cfg.data.root:
         raise ConfigError(f"data.root = {cfg.data.root!r} is not allowed: data.source = "
                           f"{cfg.data.source!r} needs the path of its file or folder")

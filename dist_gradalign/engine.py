@@ -18,13 +18,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import checkpoint
-from .algorithms import build_algorithm
+from . import checkpoint, components
 from .backend import Backend, BucketReducer
 from .config import Config, ConfigError, dump_config
-from .data import holdout, partition, sample_clients
+from .data import holdout, keys_of, partition, sample_clients
 from .data.sources import ImageSplit, Source, drop_corrupt, materialize, open_source
-from .data.stream import InMemory, Streamed, choose_storage, find_corrupt
+from .data.stream import InMemory, Streamed, cast, choose_storage, find_corrupt
 from .executor import SequentialExecutor, batch_size_of, choose_executor
 from .models import FlatModel, build_model, evaluate_sums
 from .rundir import RunDirError, RunDirLock, lock_run_dir
@@ -55,13 +54,19 @@ class Counters:
 
 @dataclass
 class Trainer:
-    """Builds data, partition, model and algorithm from a Config; ``fit`` runs the rounds."""
+    """Runs the rounds of one run (``fit``) on parts built from a Config: data and partition,
+    model, loss and algorithm (:mod:`dist_gradalign.components`; ``user`` holds objects given to
+    :func:`dist_gradalign.fit` in place of the config's choices)."""
 
     cfg: Config
     backend: Backend = field(default_factory=Backend)
+    user: dict = field(default_factory=dict)  # model, data, loss, algorithm: objects or factories
 
     def __post_init__(self) -> None:
         cfg, be = self.cfg, self.backend
+        unknown = set(self.user) - {"model", "data", "loss", "algorithm"}
+        if unknown:
+            raise ConfigError(f"unknown part(s) {', '.join(sorted(unknown))}: fit takes model, data, loss, algorithm")
         be.bytes_sent = 0  # this run's traffic (a backend may serve several runs; resume restores it)
         if be.is_main and cfg.train.clients_per_round < be.world_size:
             print(f"note: train.clients_per_round = {cfg.train.clients_per_round} < {be.world_size} ranks: "
@@ -81,21 +86,25 @@ class Trainer:
                   file=sys.stderr, flush=True)
         if stream:
             self._drop_corrupt(src)
-            labels = src.train.labels
+            targets = src.train.labels
+            first = src.normalizer(src.train.read(np.arange(min(2, len(targets))))), targets[:2]
         else:
             ds = materialize(src, cfg.data)  # with on_corrupt = skip, undecodable images are dropped here
             self.data_record["skipped"] = ds.skipped
-            labels = ds.y_train.numpy()
+            targets = ds.y_train.numpy()
+            first = ds.x_train[:2], targets[:2]
+        # partition keys: class ids, or a user dataset's partition_keys (iid needs neither)
+        keys = keys_of(targets, src.train.keys, cfg.partition.scheme, src.name)
         # the validation hold-out leaves the training set before partitioning (disjoint from every shard)
-        self.val_np, rest = holdout(labels, cfg.data.val_fraction, cfg.seed)
+        self.val_np, rest = holdout(keys, cfg.data.val_fraction, cfg.seed)
         if cfg.data.val_fraction > 0 and len(self.val_np) == 0:
             raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction} holds out no sample: every class has "
                               f"fewer than {0.5 / cfg.data.val_fraction:.0f} training samples; raise it")
-        self.shards_np = [rest[s] for s in partition(labels[rest], cfg.partition, cfg.seed)]
+        self.shards_np = [rest[s] for s in partition(keys[rest], cfg.partition, cfg.seed)]
         self.sizes = [len(s) for s in self.shards_np]
         if min(self.sizes) == 0:
             raise ConfigError(f"partition.num_clients = {cfg.partition.num_clients} leaves a client with no data "
-                              f"({len(labels)} training samples, scheme {cfg.partition.scheme!r})")
+                              f"({len(keys)} training samples, scheme {cfg.partition.scheme!r})")
         # evaluation: each rank a slice of the test set and of the validation hold-out
         if stream:
             self.data = Streamed(src, self.val_np, be.rank, be.world_size, dev, dtype, cfg.data, self._reads,
@@ -105,12 +114,26 @@ class Trainer:
             del ds
         shards = [torch.as_tensor(s, dtype=torch.long) for s in self.shards_np]  # on CPU: indices are gathered there
 
-        torch.manual_seed(cfg.seed)  # the same initial x on every rank
-        module = build_model(cfg.model, src.train.input_shape, src.num_classes).to(dev, dtype)
-        self.fm = FlatModel(module, autocast=cfg.train.precision == "bf16", compile=cfg.train.compile)
+        # the model, its loss and the algorithm: built-in or the user's, checked in components
+        torch.manual_seed(cfg.seed)  # the same initial x on every rank (rank 0's is broadcast too)
+        module, model_from = components.build_model(cfg, src.train.input_shape, src.num_classes, self.user.get("model"))
+        module = module.to(dev, dtype)
+        loss, loss_from = components.build_loss(cfg, self.user.get("loss"))
+        self.algo, algo_from = components.build_algorithm(cfg, self.user.get("algorithm"))
+        self.components = {"model": model_from, "data": src.name, "loss": loss_from, "algorithm": algo_from}
+        components.check_batch(module, loss, cast(torch.as_tensor(first[0]), dev, dtype),
+                               cast(torch.as_tensor(first[1]), dev, dtype), self.components)
+        if cfg.train.compile and any(True for _ in module.buffers()):
+            raise ConfigError("train.compile = true is not supported for a model with buffers (batch norm): its "
+                              "running statistics change inside the compiled graph; set train.compile=false")
+        self.fm = FlatModel(module, autocast=cfg.train.precision == "bf16", compile=cfg.train.compile, loss=loss)
         self.x = self.fm.params.clone()
         be.broadcast_(self.x)
-        self.algo = build_algorithm(cfg.algorithm)
+        # the global buffers: float ones averaged each round, integer ones counting local steps
+        self.b = self.fm.buffers.clone()
+        if self.b.numel():
+            be.broadcast_(self.b)
+        self.b_int = [t.clone() for t in self.fm.int_buffers]
         self.executor_record = choose_executor(cfg.train.executor, dev, module, cfg.train.clients_per_round,
                                                be.world_size, cfg.train.micro_batch_size)
         sequential = self.executor_record["executor"] == "sequential"
@@ -126,6 +149,7 @@ class Trainer:
         else:
             self.executor = SequentialExecutor(self.fm, self.data, shards, cfg.seed,
                                                cfg.data.augment, cfg.train.micro_batch_size, self.reducer)
+        self.executor.global_buffers = (self.b, self.b_int)
         self.counters = Counters()
         self.last_row: dict = {}
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
@@ -134,12 +158,12 @@ class Trainer:
 
     def _open_source(self) -> Source:
         """Open the data source (with ``data.download``, local rank 0 fetches it first, once per node)."""
-        cfg, be = self.cfg, self.backend
+        cfg, be, data = self.cfg, self.backend, self.user.get("data")
         if cfg.data.download and be.world_size > 1:
-            src = open_source(cfg.data) if be.local_rank == 0 else None
+            src = open_source(cfg.data, data) if be.local_rank == 0 else None
             be.barrier()
-            return src or open_source(cfg.data)
-        return open_source(cfg.data)
+            return src or open_source(cfg.data, data)
+        return open_source(cfg.data, data)
 
     def _drop_corrupt(self, src: Source) -> None:
         """``data.on_corrupt: skip`` when streaming: every image is decoded once, each rank a slice
@@ -215,8 +239,9 @@ class Trainer:
         g = algo.round_g(g)
 
         # [sum_i w_i y_i (or w_i grad_i) | train loss | sum_i w_i ||g_i - g||^2 | stop requested | non-finite
-        #  | sum_i w_i (the clients' extra uploads: stateful SCAFFOLD's c_i+ - c_i)]
-        buf = torch.zeros(n + 4 + algo.upload_size(n), dtype=x.dtype, device=x.device)
+        #  | sum_i w_i (the clients' extra uploads: stateful SCAFFOLD's c_i+ - c_i) | sum_i w_i b_i (float buffers)]
+        up, nb = algo.upload_size(n), self.b.numel()
+        buf = torch.zeros(n + 4 + up + nb, dtype=x.dtype, device=x.device)
         ex.local_updates(algo, rnd, mine, weights, x, g, g_locals, buf)
         buf[n + 2] = float(self.stop_requested)
         buf[n + 3] = ex.nonfinite(buf)
@@ -234,8 +259,12 @@ class Trainer:
                                   local=mine_bad is not None)
         self.stop_agreed = bool(buf[n + 2] > 0)
         avg = algo.average_from_gradient(x, buf[:n]) if gradient_form else buf[:n]
-        algo.after_round(x, avg, buf[n + 4:], sum(self.sizes[c] for c in clients) / sum(self.sizes))
+        algo.after_round(x, avg, buf[n + 4:n + 4 + up], sum(self.sizes[c] for c in clients) / sum(self.sizes))
         algo.server_step(x, avg)
+        if nb:  # buffers (batch-norm statistics): the clients' weighted average, as FedAvg averages them
+            self.b.copy_(buf[n + 4 + up:])
+        for t in self.b_int:  # integer buffers (num_batches_tracked) count a client's local steps
+            t += algo.local_steps()
 
         c = self.counters
         c.round = rnd
@@ -256,7 +285,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Test (and, with a hold-out, validation) accuracy and mean loss at x; each rank
         evaluates a slice, one all-reduce (not counted as training traffic)."""
-        self.fm.params.copy_(self.x)
+        self.load_global()
         bs = self.cfg.train.eval_batch_size
         parts = [evaluate_sums(self.fm, self.data.eval_batches("test", bs))]
         if len(self.val_np):
@@ -265,7 +294,16 @@ class Trainer:
         out = {"test_acc": sums[0] / sums[2], "test_loss": sums[1] / sums[2]}
         if len(self.val_np):
             out.update(val_acc=sums[3] / sums[5], val_loss=sums[4] / sums[5])
+        if not hasattr(self.fm.loss, "correct"):  # a loss without accuracy: losses only
+            out = {k: v for k, v in out.items() if not k.endswith("_acc")}
         return out
+
+    def load_global(self) -> None:
+        """Put the global state into the module: x and the global buffers."""
+        self.fm.params.copy_(self.x)
+        self.fm.buffers.copy_(self.b)
+        for t, v in zip(self.fm.int_buffers, self.b_int):
+            t.copy_(v)
 
     def diagnostics(self, rnd: int) -> dict:
         """r(x) = 1/2 sum_i w_i ||g_i - g||^2 at the round's x over the round's clients (DESIGN.md
@@ -316,6 +354,7 @@ class Trainer:
         (run_dir / "partition.json").write_text(json.dumps(
             {"scheme": cfg.partition.scheme, "clients": {str(i): s.tolist() for i, s in enumerate(self.shards_np)}}))
         (run_dir / "data.json").write_text(json.dumps(self.data_record, indent=1))
+        (run_dir / "components.json").write_text(json.dumps(self.components, indent=1))
         (run_dir / "executor.json").write_text(json.dumps(self.executor_record, indent=1))
         if len(self.val_np):
             (run_dir / "val_indices.json").write_text(json.dumps(
@@ -325,6 +364,10 @@ class Trainer:
     def _restore(self, state: dict) -> None:
         be = self.backend
         self.x.copy_(state["x"])
+        if "buffers" in state:  # (checkpoints before version 0.2 have none: their models had none)
+            self.b.copy_(state["buffers"])
+            for t, v in zip(self.b_int, state["int_buffers"]):
+                t.copy_(v)
         self.algo.load_state_dict(state["algorithm"], self.x.device)
         self.counters = Counters(**state["counters"])
         be.bytes_sent = state["bytes"]
@@ -373,7 +416,8 @@ class Trainer:
         if not be.is_main:
             return None
         id_file = Path(self.cfg.run_dir) / ID_FILE
-        state = {"round": self.counters.round, "x": self.x.detach().cpu(), "algorithm": self.algo.state_dict(),
+        state = {"round": self.counters.round, "x": self.x.detach().cpu(), "buffers": self.b.detach().cpu(),
+                 "int_buffers": [t.cpu() for t in self.b_int], "algorithm": self.algo.state_dict(),
                  "counters": asdict(self.counters), "bytes": be.bytes_sent, "rng": rngs,
                  "world_size": be.world_size, "config": self.cfg.to_dict(), "last_row": self.last_row,
                  "wandb_id": id_file.read_text().strip() if id_file.is_file() else None,
@@ -471,14 +515,15 @@ class Trainer:
             tracker.finish(summary)
         if be.is_main:
             self._write_final(run_dir, summary)
+            acc = f"test_acc {summary['test_acc']:.4f}, " if summary.get("test_acc") is not None else ""
             print(f"{cfg.algorithm.name}: {summary['round']} rounds, {summary['updates']} updates, "
-                  f"test_acc {summary['test_acc']:.4f}, test_loss {summary['test_loss']:.4f}, "
+                  f"{acc}test_loss {summary['test_loss']:.4f}, "
                   f"{summary['time']:.1f}s, {be.world_size} rank(s) -> {run_dir}", flush=True)
         return summary
 
     def _write_final(self, run_dir: Path, summary: dict) -> None:
-        """Rank 0: the final parameters (``model.pt``) and ``summary.json``."""
-        self.fm.params.copy_(self.x)
+        """Rank 0: the final parameters and buffers (``model.pt``) and ``summary.json``."""
+        self.load_global()
         torch.save(self.fm.state_dict(), run_dir / "model.pt")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
 
@@ -531,13 +576,3 @@ def _check_writable(run_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise RunDirError(f"run_dir = {str(run_dir)!r} is not writable: {e.strerror or e}") from None
-
-
-def train(cfg: Config, overwrite: bool = False, resume: str = "auto", backend: Optional[Backend] = None) -> dict:
-    """Run a whole training job (the ``train`` command)."""
-    be = backend or Backend.from_env(cfg.train.device, cfg.train.timeout_s, compile=cfg.train.compile)
-    try:
-        return Trainer(cfg, be).fit(overwrite, resume)
-    finally:
-        if backend is None:
-            be.shutdown()

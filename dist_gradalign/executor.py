@@ -33,10 +33,19 @@ from .algorithms import Algorithm, ClientState
 from .data import augment_batch
 from .data.stream import InMemory, Streamed
 from .backend import BucketReducer
+from .config import ConfigError
 from .models import FlatModel, loss_and_grad, num_chunks
 
 # Purposes of the per-client random streams.
-_BATCHES, _GRAD_SUBSAMPLE, _AUGMENT = 1, 2, 3
+_BATCHES, _GRAD_SUBSAMPLE, _AUGMENT, _MODEL = 1, 2, 3, 4
+
+
+def seed_model_rng(seed: int, rnd: int, cid: int, phase: int) -> None:
+    """Seed torch's global RNG from (seed, round, client, phase) before a client's forward passes,
+    so that a model that draws from it (dropout) draws the same numbers on whichever rank runs
+    the client: world-size invariance for user models too."""
+    state = np.random.SeedSequence([seed, rnd, cid, _MODEL, phase]).generate_state(2, np.uint32)
+    torch.manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def client_generator(seed: int, rnd: int, cid: int, purpose: int, step: int = 0) -> torch.Generator:
@@ -91,10 +100,18 @@ def choose_executor(requested: str, device: torch.device, module: torch.nn.Modul
     the vectorized executor does not split. Returns {executor, requested, reason, ...}."""
     m = -(-clients_per_round // world_size)  # clients a rank runs in a round (at most)
     conv = any(isinstance(layer, torch.nn.modules.conv._ConvNd) for layer in module.modules())
+    buffers = any(True for _ in module.buffers())
+    random = any(isinstance(layer, torch.nn.modules.dropout._DropoutNd) for layer in module.modules())
     out = {"requested": requested, "clients_per_rank": m, "device": device.type, "convolutions": conv}
+    if requested == "vectorized" and (buffers or random):
+        raise ConfigError("train.executor = 'vectorized' is not allowed for a model with "
+                          f"{'buffers (batch norm)' if buffers else 'dropout'}: vmap cannot update running statistics "
+                          "or draw per-client random numbers; use train.executor=sequential (or auto)")
     if requested != "auto":
         return {"executor": requested, "reason": "train.executor", **out}
-    if micro_batch is not None:
+    if buffers or random:
+        choice, reason = "sequential", "a model with buffers or dropout (the vectorized executor takes neither)"
+    elif micro_batch is not None:
         choice, reason = "sequential", "train.micro_batch_size is set (the vectorized executor runs whole batches)"
     elif device.type == "cuda":
         choice = "vectorized" if m >= 5 else "sequential"
@@ -123,11 +140,24 @@ class SequentialExecutor:
         self.fm, self.data = fm, data
         self.shards, self.seed, self.augment, self.micro_batch = shards, seed, augment, micro_batch
         self.reducer = reducer
+        # the round's global float buffers and integer buffers (the trainer's; empty for most models)
+        self.global_buffers: tuple[torch.Tensor, list[torch.Tensor]] = (fm.buffers.clone(), [])
         # this round's checks, in order: (descriptions, a non-finite flag per row, losses or None)
         self.checks: list[tuple[list[str], torch.Tensor, torch.Tensor | None]] = []
 
     def start_round(self) -> None:
         self.checks = []
+
+    def _start_client(self, rnd: int, cid: int, phase: int) -> None:
+        """Before a client's forward passes: the module's buffers at the global ones (a gradient
+        pass must not carry its running-statistics updates into the local steps), and torch's
+        RNG seeded for the client."""
+        b, ints = self.global_buffers
+        if b.numel():
+            self.fm.buffers.copy_(b)
+        for t, v in zip(self.fm.int_buffers, ints):
+            t.copy_(v)
+        seed_model_rng(self.seed, rnd, cid, phase)
 
     def _check(self, what: str, value: torch.Tensor, loss: torch.Tensor | None = None) -> None:
         """Record a device flag: is ``value`` non-finite anywhere? (``loss``: shown in the message)."""
@@ -189,6 +219,7 @@ class SequentialExecutor:
         out = {}
         for j, cid in enumerate(clients):
             positions, aug_step = self._grad_positions(algo, rnd, cid)
+            self._start_client(rnd, cid, 0)
             armed = algo.reduces_g and self._arm(buf[:x.numel()], weights[cid], len(positions), j == len(clients) - 1)
             with torch.enable_grad():
                 self._grad(rnd, cid, positions, aug_step, hooks=armed)
@@ -222,6 +253,7 @@ class SequentialExecutor:
         self.fm.params.copy_(x)
         out = {}
         for cid, idx in zip(clients, self.diagnostic_reads(clients, size)):
+            self._start_client(0, cid, 2)
             with torch.enable_grad():
                 loss_and_grad(self.fm, *self.data.gather(idx), self.micro_batch)
             out[cid] = self.fm.grads.clone()
@@ -247,6 +279,7 @@ class SequentialExecutor:
             state = ClientState(cid=cid, x=x, g=g, g_i=g_locals.get(cid))
             y = fm.params
             y.copy_(x)
+            self._start_client(rnd, cid, 1)
             algo.client_start(state, y)
             batches = local_batches(self.seed, rnd, cid, len(self.shards[cid]), steps, algo.cfg.local_batch_size)
             loss_sum = torch.zeros((), dtype=x.dtype, device=x.device)
@@ -262,10 +295,12 @@ class SequentialExecutor:
                     break
                 algo.local_direction(state, y, grad)
                 y.sub_(grad, alpha=lr)
+            if fm.buffers.numel():  # [n params | 4 scalars | extra | buffers]: w_i b_i
+                buf[buf.numel() - fm.buffers.numel():].add_(fm.buffers, alpha=w)
             if not gradient_form:
                 extra = algo.client_finish(state, y)
-                if extra is not None:  # after the round's scalars: [n params | 4 scalars | extra]
-                    buf[n + 4:].add_(extra, alpha=w)
+                if extra is not None:  # after the round's scalars: [n params | 4 scalars | extra | buffers]
+                    buf[n + 4:n + 4 + extra.numel()].add_(extra, alpha=w)
                 algo.client_upload(state, y)
             self._finish_client(state, None if gradient_form else y, loss_sum, steps, w, g if algo.reduces_g else None,
                                 buf)

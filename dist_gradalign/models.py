@@ -1,10 +1,11 @@
-"""The paper's models (DESIGN.md section 3) and two simple baselines.
+"""The paper's models (DESIGN.md section 3), two simple baselines, and the flat view of any model.
 
-No model has buffers (no batch norm: the paper uses none, and federated averaging of running
-statistics is ill-defined), so a model's whole state is its parameter vector.
+The built-in models have no buffers (the paper uses no batch norm); a user's model may
+(:class:`FlatModel`, and DESIGN.md section 5 for what the round does with them).
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value
 
 from .config import ConfigError, ModelConfig
+from .losses import CrossEntropy
 
 
 class CNNEmnist(nn.Module):
@@ -122,51 +124,76 @@ class ResNet18(nn.Module):
 FEATURE_MODELS = ("mlp", "logreg")
 
 
+def _image_shape(name: str, input_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        data = (f"the data are feature vectors (N, {input_shape[0]})" if len(input_shape) == 1
+                else f"one input has shape {tuple(input_shape)}")
+        raise ConfigError(f"model.name = {name!r} needs images (N, C, H, W), but {data}: use model.name = "
+                          + " or ".join(repr(m) for m in FEATURE_MODELS))
+    return input_shape
+
+
+def _features(input_shape: tuple[int, ...]) -> int:
+    return int(math.prod(input_shape))
+
+
+# The built-in factories (dist_gradalign.components.BUILTINS names them): (input_shape, num_classes).
+def cnn_emnist(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    c, h, w = _image_shape("cnn_emnist", input_shape)
+    if h != w or h < 16:
+        raise ConfigError(f"model.name = 'cnn_emnist' needs square images of side >= 16, got {h}x{w}")
+    return CNNEmnist(c, h, num_classes)
+
+
+def cnn_cifar(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    c, h, w = _image_shape("cnn_cifar", input_shape)
+    if h != w or h < 16:
+        raise ConfigError(f"model.name = 'cnn_cifar' needs square images of side >= 16, got {h}x{w}")
+    return CNNCifar(c, h, num_classes)
+
+
+def resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return ResNet18(_image_shape("resnet18", input_shape)[0], num_classes)
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden=(200, 200), activation: str = "relu") -> nn.Module:
+    return MLP(_features(input_shape), list(hidden), num_classes, activation)
+
+
+def logreg(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    return LogReg(_features(input_shape), num_classes)
+
+
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """Build the configured model for inputs of shape (C, H, W), or (D,) for the
+    """The built-in model ``cfg.name`` for inputs of ``input_shape``: (C, H, W), or (D,) for the
     :data:`FEATURE_MODELS`. Initialization uses torch's global RNG: seed it first (the engine
     does) so every rank starts from the same x."""
-    if len(input_shape) == 1:
-        if cfg.name not in FEATURE_MODELS:
-            raise ConfigError(f"model.name = {cfg.name!r} needs images (N, C, H, W), but the data are feature "
-                              f"vectors (N, {input_shape[0]}): use model.name = "
-                              + " or ".join(repr(m) for m in FEATURE_MODELS))
-        input_shape = (1, 1, input_shape[0])
-    c, h, w = input_shape
-    if cfg.name in ("cnn_emnist", "cnn_cifar"):
-        if h != w or h < 16:
-            raise ValueError(f"model.name = {cfg.name!r} needs square images of side >= 16, got {h}x{w}")
-        cls = CNNEmnist if cfg.name == "cnn_emnist" else CNNCifar
-        return cls(c, h, num_classes)
-    if cfg.name == "resnet18":
-        return ResNet18(c, num_classes)
+    factory = {f.__name__: f for f in (cnn_emnist, cnn_cifar, resnet18, mlp, logreg)}.get(cfg.name)
+    if factory is None:
+        raise ValueError(f"unknown built-in model {cfg.name!r}")
     if cfg.name == "mlp":
-        return MLP(c * h * w, list(cfg.hidden), num_classes, cfg.activation)
-    if cfg.name == "logreg":
-        return LogReg(c * h * w, num_classes)
-    raise ValueError(f"unknown model {cfg.name!r}")
+        return mlp(input_shape, num_classes, cfg.hidden, cfg.activation)
+    return factory(input_shape, num_classes)
 
 
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _check_no_buffers(model: nn.Module) -> None:
-    if any(True for _ in model.buffers()):
-        raise ValueError("models with buffers (e.g. batch norm) are not supported")
-
-
 class FlatModel:
-    """A model whose parameters are views into one flat vector ``params``, and whose
-    gradients are views into one flat vector ``grads``.
+    """A model whose parameters are views into one flat vector ``params``, whose gradients are
+    views into one flat vector ``grads``, and whose floating-point buffers (batch-norm running
+    statistics) are views into one flat vector ``buffers``; integer buffers
+    (``num_batches_tracked``) are listed in ``int_buffers``.
 
     Algorithms then work on plain vectors (x, g_i, displacements) with no per-tensor loops,
-    and every communication is one all-reduce of one flat buffer.
+    and every communication is one all-reduce of one flat buffer. ``loss`` maps
+    (output, target) to per-sample losses (:mod:`dist_gradalign.losses`).
     """
 
-    def __init__(self, module: nn.Module, autocast: bool = False, compile: bool = False):
-        _check_no_buffers(module)
+    def __init__(self, module: nn.Module, autocast: bool = False, compile: bool = False, loss=None):
         self.module = module
+        self.loss = loss or CrossEntropy()
         self.autocast = autocast  # forward/backward under bfloat16 autocast (train.precision: bf16)
         ref = next(module.parameters())
         n = num_parameters(module)
@@ -182,13 +209,28 @@ class FlatModel:
                 setattr(mod, name, newp)
                 self.param_list.append(newp)
                 offset += k
-        assert offset == n, "shared parameters are not supported"
+        if offset != n:
+            raise ValueError("shared (tied) parameters are not supported")
         self.numel = n
+        floats = [(mod, name, b) for mod in module.modules() for name, b in mod.named_buffers(recurse=False)
+                  if b is not None and b.dtype.is_floating_point]
+        self.buffers = torch.empty(sum(b.numel() for _, _, b in floats), dtype=ref.dtype, device=ref.device)
+        offset = 0
+        for mod, name, b in floats:  # the module's float buffers become views into `buffers`
+            k = b.numel()
+            self.buffers[offset:offset + k].copy_(b.detach().flatten())
+            mod._buffers[name] = self.buffers[offset:offset + k].view_as(b)
+            offset += k
+        self.int_buffers = [b for b in module.buffers() if not b.dtype.is_floating_point]
         self._names = [name for name, _ in module.named_parameters()]
         self._shapes = [p.shape for p in module.parameters()]
         self._sizes = [p.numel() for p in module.parameters()]
         # train.compile: (flat params, x, y) -> (flat gradient, loss) as one torch.compile graph
         self.compiled = torch.compile(grad_and_value(self.functional_loss)) if compile else None
+
+    @property
+    def has_buffers(self) -> bool:
+        return self.buffers.numel() > 0 or bool(self.int_buffers)
 
     def functional_loss(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean loss of the module with parameters read from ``flat`` (not ``params``): the
@@ -205,13 +247,26 @@ def autocast(fm: FlatModel) -> torch.autocast:
     return torch.autocast(fm.params.device.type, dtype=torch.bfloat16, enabled=fm.autocast)
 
 
+def _output(fm: FlatModel, x: torch.Tensor, forward=None) -> torch.Tensor:
+    """``forward(x)`` (default: the module) under the model's autocast setting, returned in the
+    parameters' precision."""
+    with autocast(fm):
+        out = (forward or fm.module)(x)
+    return out.float() if fm.autocast and out.dtype == torch.bfloat16 else out
+
+
 def forward_loss(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean",
                  forward=None) -> torch.Tensor:
-    """Cross-entropy of ``forward(x)`` (default: the module) under the model's autocast setting,
-    computed in the parameters' precision."""
-    with autocast(fm):
-        logits = (forward or fm.module)(x)
-    return F.cross_entropy(logits.float() if fm.autocast else logits, y, reduction=reduction)
+    """The loss of ``forward(x)`` (default: the module): the mean (or the sum) of the per-sample losses."""
+    return reduce_loss(fm.loss, _output(fm, x, forward), y, reduction)
+
+
+def reduce_loss(loss, output: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The mean or the sum of ``loss``'s per-sample losses (its ``reduce`` where it has one)."""
+    if hasattr(loss, "reduce"):
+        return loss.reduce(output, target, reduction)
+    losses = loss(output, target)
+    return losses.sum() if reduction == "sum" else losses.mean()
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -225,7 +280,7 @@ def num_chunks(n: int, micro_batch: int | None) -> int:
 
 def loss_and_grad(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, micro_batch: int | None = None,
                   hooks: bool = False) -> torch.Tensor:
-    """Mean cross-entropy of the batch at the current ``fm.params``; its gradient is left in
+    """Mean loss of the batch at the current ``fm.params``; its gradient is left in
     ``fm.grads`` (overwritten, not accumulated). Large batches are split into micro-batches of
     at most ``micro_batch`` samples whose gradients add up to the full-batch gradient.
     ``hooks``: accumulate into the parameters' ``.grad`` views so that their post-accumulate
@@ -254,14 +309,21 @@ def loss_and_grad(fm: FlatModel, x: torch.Tensor, y: torch.Tensor, micro_batch: 
 
 @torch.no_grad()
 def evaluate_sums(fm: FlatModel, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """[correct, summed loss, count] of the model at ``fm.params`` over the (x, y) ``batches``, in float64."""
+    """[correct, summed loss, count] of the model at ``fm.params`` over the (x, y) ``batches``, in
+    float64, in eval mode (batch norm with its running statistics). ``correct`` sums the loss's
+    ``correct`` (0 when it has none)."""
     out = torch.zeros(3, dtype=torch.float64, device=fm.params.device)
-    for xb, yb in batches:
-        with autocast(fm):
-            logits = fm.module(xb).float() if fm.autocast else fm.module(xb)
-        out[0] += (logits.argmax(1) == yb).sum()
-        out[1] += F.cross_entropy(logits, yb, reduction="sum").double()
-        out[2] += yb.numel()
+    correct = getattr(fm.loss, "correct", None)
+    fm.module.eval()
+    try:
+        for xb, yb in batches:
+            output = _output(fm, xb)
+            if correct is not None:
+                out[0] += correct(output, yb).sum().double()
+            out[1] += reduce_loss(fm.loss, output, yb, "sum").double()
+            out[2] += len(yb)
+    finally:
+        fm.module.train()
     return out
 
 

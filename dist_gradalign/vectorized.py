@@ -100,7 +100,7 @@ class VectorizedExecutor(SequentialExecutor):
             self._check_rows([f"client {c}: its parameters after {steps} local step(s)" for c in group], ys)
             extra = algo.client_finish(state, ys)
             if extra is not None:
-                buf[n + 4:].addmv_(extra.T, w)
+                buf[n + 4:n + 4 + extra.shape[1]].addmv_(extra.T, w)
             algo.client_upload(state, ys)
             buf[:n].addmv_(ys.T, w)  # sum_i w_i u_i
             buf[n] += w @ mean_loss

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from dist_gradalign.backend import Backend
 from dist_gradalign.config import from_dict
-from dist_gradalign.engine import train
+from dist_gradalign.api import fit
 
 if __name__ == "__main__":
     configs = json.loads(open(sys.argv[1]).read())
@@ -18,7 +18,7 @@ if __name__ == "__main__":
     group = weakref.ref(dist.group.WORLD) if backend.distributed else lambda: None
     try:
         for d in configs:
-            train(from_dict(d), backend=backend)
+            fit(from_dict(d), backend=backend)
     finally:
         backend.shutdown()
     gc.collect()

@@ -98,6 +98,13 @@ def test_evaluate_sums():
     assert loss == pytest.approx(expected, rel=1e-6)
 
 
-def test_models_with_buffers_are_refused():
-    with pytest.raises(ValueError, match="buffers"):
-        FlatModel(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)))
+def test_float_buffers_are_views_into_one_vector_and_integer_buffers_are_listed():
+    module = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    fm = FlatModel(module)
+    bn = module[1]
+    assert fm.buffers.numel() == 6  # running_mean and running_var, 3 each
+    assert [t is bn.num_batches_tracked for t in fm.int_buffers] == [True]
+    fm.buffers.fill_(0.5)  # the module reads the flat vector
+    assert torch.equal(bn.running_mean, torch.full((3,), 0.5)) and torch.equal(bn.running_var, torch.full((3,), 0.5))
+    module(torch.randn(4, 2))  # a train-mode forward pass updates the statistics in place, in the vector
+    assert not torch.equal(fm.buffers[:3], torch.full((3,), 0.5)) and int(bn.num_batches_tracked) == 1

@@ -9,6 +9,12 @@
   is split as ``shards``; every client gets a part of both.
 - ``dirichlet``: per class, client proportions ~ Dirichlet(``alpha``); every client is given at
   least ``min_size`` samples (resampling, then moving samples from the largest clients).
+- ``by_key``: one client per distinct key, in sorted key order (``num_clients`` must equal the
+  number of keys): a user dataset's ``partition_keys`` (one text, author or site per client).
+
+The "labels" of the label-based schemes are the class ids, or a user dataset's partition keys
+where it has them (the trainer chooses: :func:`keys_of`); data without either (per-token
+targets, regression) can be partitioned ``iid`` only.
 
 Every scheme is disjoint, complete and a deterministic function of the labels, config and seed.
 
@@ -16,6 +22,8 @@ Every scheme is disjoint, complete and a deterministic function of the labels, c
 any of these run, so it is disjoint from every client's shard.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import numpy as np
 
@@ -50,6 +58,22 @@ def holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray,
     return val, rest
 
 
+def keys_of(targets: np.ndarray, keys: Optional[np.ndarray], scheme: str, source: str) -> np.ndarray:
+    """What the training set is partitioned (and its validation hold-out stratified) by: the
+    data's partition keys, else the targets if they are class ids, else (for ``iid``, which needs
+    neither) one key for all."""
+    if keys is not None:
+        return keys
+    if targets.ndim == 1 and np.issubdtype(targets.dtype, np.integer):
+        return targets
+    if scheme != "iid":
+        raise ConfigError(f"partition.scheme = {scheme!r} needs class-id targets or partition keys, but the targets "
+                          f"of data.source = {source!r} are {targets.dtype} of shape {targets.shape}: use "
+                          "partition.scheme=iid, or give the train dataset a partition_keys attribute (one integer "
+                          "per sample)")
+    return np.zeros(len(targets), dtype=np.int64)
+
+
 def partition(labels: np.ndarray, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
     """Return, for each client c, the sorted int64 indices of its samples in the train set.
 
@@ -59,6 +83,10 @@ def partition(labels: np.ndarray, cfg: PartitionConfig, seed: int) -> list[np.nd
     labels = np.asarray(labels)
     n, k = len(labels), cfg.num_clients
     _check_feasible(cfg, n)
+    if cfg.scheme == "by_key" and len(np.unique(labels)) != k:
+        raise ConfigError(f"partition.scheme = 'by_key' gives one client per partition key: the data has "
+                          f"{len(np.unique(labels))} distinct keys, but partition.num_clients = {k}; set it to "
+                          f"{len(np.unique(labels))}")
     if cfg.scheme == "iid":
         parts = np.array_split(_rng(seed, _TAG_IID).permutation(n), k)
     elif cfg.scheme == "shards":
@@ -74,9 +102,11 @@ def partition(labels: np.ndarray, cfg: PartitionConfig, seed: int) -> list[np.nd
         parts = [np.concatenate([a, b]) for a, b in zip(iid_parts, shard_parts)]
     elif cfg.scheme == "dirichlet":
         parts = _dirichlet(labels, k, cfg.alpha, cfg.min_size, _rng(seed, _TAG_DIRICHLET))
+    elif cfg.scheme == "by_key":
+        parts = [np.flatnonzero(labels == key) for key in np.unique(labels)]
     else:
         raise ConfigError(f"partition.scheme = {cfg.scheme!r} is not allowed: choose one of "
-                          "iid, shards, percentage_iid, dirichlet")
+                          "iid, shards, percentage_iid, dirichlet, by_key")
     return [np.sort(p).astype(np.int64) for p in parts]
 
 

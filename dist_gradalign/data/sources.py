@@ -100,12 +100,19 @@ class Split:
     """One split of a source: ``labels`` (int64, in memory) and ``read(idx)``, the raw inputs of
     the samples ``idx`` as one array ``(B, *input_shape)``."""
 
-    labels: np.ndarray
+    labels: np.ndarray  # the targets, (N, ...): class ids (N,) for the built-in sources
     input_shape: tuple[int, ...]
     dtype: np.dtype
+    keys: Optional[np.ndarray] = None  # partition keys (one integer per sample), if the data has them
+    lazy = False  # data.storage = stream reads it batch by batch (otherwise it is in memory already)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def class_ids(self) -> bool:
+        """Whether the targets are class ids (one non-negative integer per sample)."""
+        return _target_kind(self.labels)
 
     def read(self, idx: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -144,6 +151,7 @@ class ArraySplit(Split):
     def __init__(self, x: np.ndarray, labels: np.ndarray):
         self.x, self.labels = x, np.ascontiguousarray(labels, dtype=np.int64)
         self.layout = _layout(x)
+        self.lazy = isinstance(x, np.memmap)
         self.input_shape = tuple(_apply_layout(self.layout, x[:0]).shape[1:])
         self.dtype = x.dtype
 
@@ -172,6 +180,7 @@ class ImageSplit(Split):
     character: with the labels, the only per-image memory). Every image must be ``input_shape``."""
 
     dtype = np.dtype(np.uint8)
+    lazy = True
 
     def __init__(self, root: Path, names: np.ndarray, labels: np.ndarray, input_shape: Optional[tuple] = None):
         self.root, self.names, self.labels = root, names, labels
@@ -245,7 +254,7 @@ class Source:
 
     train: Split
     test: Split
-    num_classes: int
+    num_classes: Optional[int]  # None when the targets are not class ids
     normalizer: "Normalizer"
     name: str
 
@@ -254,15 +263,24 @@ class Normalizer:
     """Raw inputs to float32: uint8 / 255, float as stored; then (x - mean) / std per channel
     (per feature for vectors). Elementwise, so a batch converts exactly as the whole split."""
 
-    def __init__(self, norm: Optional[Normalize], input_shape: tuple[int, ...]):
-        self.norm = norm
+    def __init__(self, norm: Optional[Normalize], input_shape: tuple[int, ...], raw: bool = False):
+        self.norm, self.raw = norm, raw
         self.mean = self.std = None
         if norm is not None:
             self.mean, self.std = (_per_channel(v, input_shape, norm) for v in norm)
 
+    def dtype(self, stored: np.dtype) -> torch.dtype:
+        """The dtype inputs stored as ``stored`` have after conversion."""
+        if self.raw and not np.issubdtype(stored, np.floating):
+            return torch.from_numpy(np.zeros(0, stored)).dtype
+        return torch.float32
+
     def __call__(self, raw: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-        """On ``raw``'s device (a tensor) or the CPU (an array); a new tensor, ``raw`` untouched."""
+        """On ``raw``'s device (a tensor) or the CPU (an array); a new tensor, ``raw`` untouched.
+        With ``raw`` (a user's dataset): non-float inputs (token ids) as they are, floats as float32."""
         t = torch.from_numpy(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
+        if self.raw and not t.is_floating_point():
+            return t.clone()
         t = t.to(torch.float32).div_(255) if t.dtype == torch.uint8 else t.to(torch.float32, copy=True)
         if self.mean is None:
             return t
@@ -303,37 +321,164 @@ def _nonfinite_error(what: str, count: int, total: int, first: str, kind: str, w
                      f"{first}, with {kind}); remove or repair those samples (training on them would only diverge)")
 
 
-def open_source(cfg: DataConfig) -> Source:
-    """Open ``cfg.source``: labels and shapes read, inputs not yet (except the in-memory sources).
+def open_source(cfg: DataConfig, data=None) -> Source:
+    """Open the data: ``data`` given to :func:`dist_gradalign.fit` (a pair (train, test), or a
+    factory of one), or the factory ``cfg.source`` names (built-in or an import path), called with
+    ``cfg.kwargs`` (and ``root``, ``download`` where it takes them). Labels (targets) and shapes are
+    read, inputs not yet (except the in-memory sources).
 
     Raises :class:`DataError` when the data is missing or malformed and
-    :class:`~dist_gradalign.config.ConfigError` when ``cfg.normalize`` does not fit the inputs or
-    ``cfg.augment`` is set for feature vectors."""
-    source = cfg.source
-    if source in _TORCHVISION:
-        train, test = _load_torchvision(cfg)
-    elif source == "npz":
-        train, test = _open_arrays(Path(cfg.root), npy=False)
-    elif source == "npy":
-        train, test = _open_arrays(Path(cfg.root), npy=True)
-    elif source == "imagefolder":
-        train, test = _open_imagefolder(Path(cfg.root))
-    elif source == "digits":
-        train, test = _load_digits()
+    :class:`~dist_gradalign.config.ConfigError` when a user's factory or dataset is wrong,
+    ``cfg.normalize`` does not fit the inputs or ``cfg.augment`` is set for non-images."""
+    from .. import components
+
+    key, source = "data.source", cfg.source
+    if data is not None:
+        source = components.describe(data)
+        pair = components.call(key, source, data, {}, passthrough=(DataError,)) if callable(data) else data
     else:
-        raise ConfigError(f"data.source = {source!r} is not allowed: choose one of "
-                          + ", ".join([*_TORCHVISION, "npz", "npy", "imagefolder", "digits"]))
+        factory = components.load(key, cfg.source)
+        pair = components.call(key, source, factory, cfg.kwargs, {"root": cfg.root, "download": cfg.download},
+                               passthrough=(DataError,))
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise ConfigError(f"{key} = {source!r} returned {type(pair).__name__}: expected a pair (train, test) of "
+                          "map-style datasets (__len__, __getitem__(i) -> (input, target))")
+    builtin = all(isinstance(s, Split) for s in pair)
+    train, test = (s if isinstance(s, Split) else MapSplit(s, source, name) for s, name in zip(pair, SPLITS))
     if train.input_shape != test.input_shape:
         raise DataError(f"{source} data at {cfg.root!r}: one train input has shape {train.input_shape} "
                         f"but one test input {test.input_shape}; both splits must share one input shape")
-    if len(train.input_shape) == 1 and cfg.augment != "none":
-        raise ConfigError(f"data.augment = {cfg.augment!r} is not allowed for feature vectors (x_train of shape "
-                          f"{(len(train), *train.input_shape)}): it crops and flips images; set data.augment=none")
+    image = len(train.input_shape) == 3 and (train.dtype == np.uint8 or np.issubdtype(train.dtype, np.floating))
+    if cfg.augment != "none" and not image:
+        what = (f"feature vectors (x_train of shape {(len(train), *train.input_shape)})" if len(train.input_shape) == 1
+                else f"inputs of shape {train.input_shape} ({train.dtype})")
+        raise ConfigError(f"data.augment = {cfg.augment!r} is not allowed for {what}: it crops and flips images "
+                          "(C, H, W); set data.augment=none")
     norm = cfg.normalize if cfg.normalize is not None else DEFAULT_NORMALIZE.get(source)
     if source in ("npz", "npy") and train.dtype != np.uint8:
         norm = None  # float arrays are used exactly as stored
-    num_classes = int(max(train.labels.max(initial=-1), test.labels.max(initial=-1))) + 1
-    return Source(train, test, num_classes, Normalizer(norm, train.input_shape), source)
+    num_classes = None
+    if train.class_ids and test.class_ids:
+        num_classes = int(max(train.labels.max(initial=-1), test.labels.max(initial=-1))) + 1
+    return Source(train, test, num_classes, Normalizer(norm, train.input_shape, raw=not builtin), source)
+
+
+def _target_kind(labels: np.ndarray) -> bool:
+    """Whether targets are class ids: one non-negative integer per sample."""
+    return labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer) and (len(labels) == 0 or labels.min() >= 0)
+
+
+class MapSplit(Split):
+    """A user's map-style dataset (``__len__``, ``__getitem__(i) -> (input, target)``): inputs and
+    targets tensors, numpy arrays or numbers, of any shape and dtype, used as they are (no
+    scaling; ``data.normalize``, if set, still applies). Targets are read once for partitioning
+    and held in memory: from the dataset's ``targets`` attribute when it has one (torchvision's
+    convention), else item by item. An optional ``partition_keys`` attribute (one integer per
+    sample: an author, a text, a site) partitions by key (``partition.scheme``). Under
+    ``data.storage: stream`` the dataset is pickled to the DataLoader workers: define its class
+    at module level."""
+
+    lazy = True
+
+    def __init__(self, ds, source: str, split: str):
+        self.ds, self.source, self.split = ds, source, split
+        try:
+            n = len(ds)
+        except TypeError:
+            raise ConfigError(f"data.source = {source!r}: its {split} dataset is a {type(ds).__name__} without "
+                              "__len__: expected a map-style dataset (__len__, __getitem__(i) -> (input, target))") from None
+        if n == 0:
+            raise ConfigError(f"data.source = {source!r}: its {split} dataset is empty")
+        x0, y0 = self._item(0)
+        self.input_shape, self.dtype = tuple(x0.shape), x0.dtype
+        targets = getattr(ds, "targets", None)
+        if targets is not None and len(targets) == n:
+            self.labels = self._array(targets, "targets attribute", None)
+        else:
+            self.labels = np.stack([self._item(i)[1] for i in range(n)])
+        keys = getattr(ds, "partition_keys", None)
+        self.keys = None if keys is None else np.asarray(keys)
+        if self.keys is not None and (self.keys.shape != (n,) or not np.issubdtype(self.keys.dtype, np.integer)):
+            raise ConfigError(f"data.source = {source!r}: partition_keys of its {split} dataset must hold one integer "
+                              f"per sample ({n}), got shape {self.keys.shape} and dtype {self.keys.dtype}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _array(self, value, what: str, i) -> np.ndarray:
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().numpy()
+        if isinstance(value, (np.ndarray, np.generic, int, float, bool, list)):
+            out = np.asarray(value)
+            if out.dtype != object:
+                return out
+        where = f"item {i} of" if i is not None else "the"
+        raise ConfigError(f"data.source = {self.source!r}: {where} {self.split} dataset's {what} is a "
+                          f"{type(value).__module__}.{type(value).__name__}: expected a tensor, a numpy array or a "
+                          "number (convert images with torchvision.transforms.ToTensor())")
+
+    def _item(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            item = self.ds[i]
+        except Exception as e:
+            raise DataError(f"data.source = {self.source!r}: reading item {i} of its {self.split} dataset raised "
+                            f"{type(e).__name__}: {e}") from None
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise ConfigError(f"data.source = {self.source!r}: item {i} of its {self.split} dataset is a "
+                              f"{type(item).__name__}{f' of {len(item)}' if isinstance(item, (tuple, list)) else ''}:"
+                              " expected a pair (input, target)")
+        return self._array(item[0], "input", i), self._array(item[1], "target", i)
+
+    def read(self, idx: np.ndarray) -> np.ndarray:
+        xs = [self._item(int(i))[0] for i in np.asarray(idx).tolist()]
+        for i, x in zip(np.asarray(idx).tolist(), xs):
+            if x.shape != self.input_shape or x.dtype != self.dtype:
+                raise DataError(f"data.source = {self.source!r}: item {i} of its {self.split} dataset has an input of "
+                                f"shape {x.shape} ({x.dtype}), item 0 one of {self.input_shape} ({self.dtype}): all "
+                                "inputs must share one shape and dtype")
+        return np.stack(xs) if xs else np.zeros((0, *self.input_shape), self.dtype)
+
+    def describe(self, i: int) -> str:
+        return f"item {i} of the {self.split} dataset"
+
+
+# ------------------------------------------------------------------------ built-in sources
+# The factories components.BUILTINS names: each returns the (train, test) splits.
+
+def emnist(root: str, download: bool) -> tuple[Split, Split]:
+    return _load_torchvision("emnist", root, download)
+
+
+def cifar10(root: str, download: bool) -> tuple[Split, Split]:
+    return _load_torchvision("cifar10", root, download)
+
+
+def cifar100(root: str, download: bool) -> tuple[Split, Split]:
+    return _load_torchvision("cifar100", root, download)
+
+
+def mnist(root: str, download: bool) -> tuple[Split, Split]:
+    return _load_torchvision("mnist", root, download)
+
+
+def fashionmnist(root: str, download: bool) -> tuple[Split, Split]:
+    return _load_torchvision("fashionmnist", root, download)
+
+
+def npz(root: str) -> tuple[Split, Split]:
+    return _open_arrays(Path(root), npy=False)
+
+
+def npy(root: str) -> tuple[Split, Split]:
+    return _open_arrays(Path(root), npy=True)
+
+
+def imagefolder(root: str) -> tuple[Split, Split]:
+    return _open_imagefolder(Path(root))
+
+
+def digits() -> tuple[Split, Split]:
+    return _load_digits()
 
 
 def drop_corrupt(split: Split, bad: Sequence[int], name: str) -> Split:
@@ -373,7 +518,7 @@ def materialize(src: Source, cfg: DataConfig, chunk: int = 8192) -> Dataset:
     where = f"{src.name} data at {cfg.root!r}"
     for name, split in (("train", src.train), ("test", src.test)):
         skip = cfg.on_corrupt == "skip" and isinstance(split, ImageSplit)
-        out = torch.empty((len(split), *split.input_shape), dtype=torch.float32)
+        out = torch.empty((len(split), *split.input_shape), dtype=src.normalizer.dtype(split.dtype))
         bad, written, n_bad, first = [], 0, 0, None
         for start in range(0, len(split), chunk):
             idx = np.arange(start, min(start + chunk, len(split)))
@@ -411,24 +556,24 @@ _TORCHVISION: dict[str, tuple[str, dict]] = {
 }
 
 
-def _load_torchvision(cfg: DataConfig) -> tuple[Split, Split]:
+def _load_torchvision(source: str, root: str, download: bool) -> tuple[Split, Split]:
     """A torchvision dataset's raw ``.data``/``.targets`` arrays (no per-item transforms)."""
     from torchvision import datasets
 
-    cls_name, kwargs = _TORCHVISION[cfg.source]
+    cls_name, kwargs = _TORCHVISION[source]
     cls = getattr(datasets, cls_name)
     out = []
     for train in (True, False):
         try:
-            ds = cls(root=cfg.root, train=train, download=cfg.download, **kwargs)
+            ds = cls(root=root, train=train, download=download, **kwargs)
         except (RuntimeError, OSError) as e:
-            if cfg.download:
+            if download:
                 hint = ("downloading it failed; download it on a machine with internet access "
                         "(data.download=true) and copy the folder here")
             else:
                 hint = ("set data.download=true on a machine with internet access to fetch it, "
                         "or copy torchvision's files there")
-            raise DataError(f"{cfg.source} ({cls_name}) not found under data.root = {cfg.root!r}: "
+            raise DataError(f"{source} ({cls_name}) not found under data.root = {root!r}: "
                             f"{hint} ({e})") from e
         x = np.asarray(ds.data)  # NHW (MNIST-like) or NHWC (CIFAR)
         out.append(ArraySplit(x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2), np.asarray(ds.targets)))

@@ -61,13 +61,13 @@ def choose_storage(cfg: DataConfig, src: Source, ranks_per_node: int, device: to
     fits = need <= budget
     mode, reason = cfg.storage, "data.storage"
     if mode == "auto":
-        if not fits and src.name not in STREAMING_SOURCES:
-            mode, reason = "memory", f"{src.name} cannot stream (only {', '.join(STREAMING_SOURCES)} do)"
+        if not fits and not src.train.lazy:
+            mode, reason = "memory", f"{src.name} cannot stream (only {', '.join(STREAMING_SOURCES)} and user datasets do)"
         else:
             mode = "memory" if fits else "stream"
             reason = f"decoded data for {where} {_size(need)} {'<=' if fits else '>'} {_size(budget)} ({of})"
     if mode == "memory" and need > limit:
-        hint = ("set data.storage=stream (or auto)" if src.name in STREAMING_SOURCES else
+        hint = ("set data.storage=stream (or auto)" if src.train.lazy else
                 "convert it for streaming (python -m dist_gradalign.data.convert) and set data.storage=stream")
         raise DataError(f"data.storage = memory would hold {_size(need)} of decoded {src.name} data for {where}, "
                         f"more than {_size(limit)} ({of.replace('half of ', '')}): {hint}, or use fewer ranks per node")
@@ -125,15 +125,21 @@ def _cgroup_headroom() -> Optional[int]:
     return best
 
 
+def cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` on ``device``; floating-point data in the run's ``dtype``, integers (class ids, token
+    ids) as they are."""
+    return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+
 class InMemory:
     """The decoded data on the device: ``gather`` is an index, evaluation slices tensors."""
 
     def __init__(self, ds: Dataset, val: np.ndarray, rank: int, world: int, device: torch.device,
                  dtype: torch.dtype):
-        self.x, self.y = ds.x_train.to(device, dtype), ds.y_train.to(device)
+        self.x, self.y = cast(ds.x_train, device, dtype), cast(ds.y_train, device, dtype)
         v = torch.as_tensor(val[rank::world], dtype=torch.long)
-        self.eval_sets = {"test": (ds.x_test[rank::world].to(device, dtype), ds.y_test[rank::world].to(device)),
-                          "val": (ds.x_train[v].to(device, dtype), ds.y_train[v].to(device))}
+        self.eval_sets = {"test": (cast(ds.x_test[rank::world], device, dtype), cast(ds.y_test[rank::world], device, dtype)),
+                          "val": (cast(ds.x_train[v], device, dtype), cast(ds.y_train[v], device, dtype))}
         self.misses = 0
 
     def start_round(self, rnd: int) -> None:
@@ -184,7 +190,8 @@ class BatchReader(torch.utils.data.Dataset):
                              "streamed data")
         except DataError as e:
             return _Failed(str(e))
-        x, y = raw.reshape(*idx.shape, *raw.shape[1:]), self.split.labels[flat].reshape(idx.shape)
+        labels = self.split.labels
+        x, y = raw.reshape(*idx.shape, *raw.shape[1:]), labels[flat].reshape(*idx.shape, *labels.shape[1:])
         return (x, y) if self.arrays else (torch.from_numpy(x), torch.from_numpy(y))
 
 
@@ -313,7 +320,7 @@ class Streamed:
             raise DataError(out.message)
         raw, y = (torch.as_tensor(v) for v in out)
         x = self.normalizer(raw.to(self.device, non_blocking=True))
-        return x.to(self.dtype), y.to(self.device, non_blocking=True)
+        return cast(x, self.device, self.dtype), cast(y.to(self.device, non_blocking=True), self.device, self.dtype)
 
     def eval_batches(self, which: str, batch: int) -> Iterator[Batch]:
         split, idx = self.eval_idx[which]

@@ -57,7 +57,7 @@ def fit(config: Union[Config, dict, str, Path, None] = None, *overrides: str, mo
     cfg = _config(config, list(overrides))
     parts = {k: v for k, v in (("model", model), ("data", data), ("loss", loss), ("algorithm", algorithm))
              if v is not None}
-    be = backend or Backend.from_env(cfg.train.device, cfg.train.timeout_s, compile=cfg.train.compile)
+    be = backend or Backend.from_env(cfg.train.device, cfg.train.timeout_s)
     try:
         trainer = Trainer(cfg, be, parts)
         summary = trainer.fit(overwrite, resume)

@@ -108,14 +108,15 @@ class Backend:
     timeout_s: float = 1800.0  # how long a collective may wait for the other ranks
 
     @classmethod
-    def from_env(cls, device: str = "auto", timeout_s: float = 1800.0, compile: bool = False) -> "Backend":
+    def from_env(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Backend":
         """Join the torchrun process group if there is one; pick the device and thread count.
 
-        ``compile``: the run will use ``torch.compile`` (``train.compile``). torch._dynamo is then
-        imported before the group exists: imported after, it keeps references to the group that
-        ``destroy_process_group`` cannot drop, so the group's threads outlive :meth:`shutdown`
-        and a rank could abort at exit ("terminate called without an active exception", when a
-        gloo thread frees a finished collective's tensors while Python finalizes)."""
+        torch._dynamo is imported before the group exists (about 1.3 s): imported after, it keeps
+        references to the group that ``destroy_process_group`` cannot drop, so the group's threads
+        outlive :meth:`shutdown` and a rank could abort at exit ("terminate called without an
+        active exception", when a gloo thread frees a finished collective's tensors while Python
+        finalizes). ``torch.compile`` imports it, and so do libraries a user's parts import
+        (``torchvision.models`` among them), too late to choose."""
         world = _env_int("WORLD_SIZE", 1)
         rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
         local_world = _env_int("LOCAL_WORLD_SIZE", world)
@@ -135,8 +136,7 @@ class Backend:
             torch.set_num_threads(min(threads, _env_int("OMP_NUM_THREADS", threads) or threads))
         launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ  # torchrun, or a SLURM step like it
         if (world > 1 or launched) and not dist.is_initialized():
-            if compile:
-                importlib.import_module("torch._dynamo")  # before the group: see the docstring
+            importlib.import_module("torch._dynamo")  # before the group: see the docstring
             timeout = datetime.timedelta(seconds=timeout_s)
             # torchrun's agent shares its store with the ranks: build the group on a store of
             # this attempt's own (see attempt_store); otherwise env:// (rank 0 hosts a new store)

@@ -14,7 +14,7 @@ from dist_gradalign.api import fit
 
 if __name__ == "__main__":
     configs = json.loads(open(sys.argv[1]).read())
-    backend = Backend.from_env("cpu", compile=any(d["train"].get("compile") for d in configs))
+    backend = Backend.from_env("cpu")
     group = weakref.ref(dist.group.WORLD) if backend.distributed else lambda: None
     try:
         for d in configs:

@@ -48,8 +48,8 @@ class Algorithm:
 
     def __init__(self, cfg: AlgorithmConfig):
         self.cfg = cfg
-        self.momentum: Optional[torch.Tensor] = None  # m of the server optimizer
-        self.second: Optional[torch.Tensor] = None  # v of the adaptive server optimizers
+        self.server_m: Optional[torch.Tensor] = None  # m of the server optimizer
+        self.server_v: Optional[torch.Tensor] = None  # v of the adaptive server optimizers
         self.direction: Optional[torch.Tensor] = None  # d of global_grad: previous
 
     def local_steps(self) -> int:
@@ -116,12 +116,12 @@ class Algorithm:
     def state_dict(self) -> dict:
         """The server state carried across rounds (for checkpoints)."""
         return {k: None if t is None else t.detach().cpu()
-                for k, t in (("momentum", self.momentum), ("second", self.second), ("direction", self.direction))}
+                for k, t in (("momentum", self.server_m), ("second", self.server_v), ("direction", self.direction))}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         m, v, d = state["momentum"], state.get("second"), state.get("direction")
-        self.momentum = None if m is None else m.to(device)
-        self.second = None if v is None else v.to(device)
+        self.server_m = None if m is None else m.to(device)
+        self.server_v = None if v is None else v.to(device)
         self.direction = None if d is None else d.to(device)
 
     @torch.no_grad()
@@ -144,15 +144,15 @@ class Algorithm:
                 return
             delta = x - avg
             if mom:
-                if self.momentum is None:
-                    self.momentum = torch.zeros_like(x)
-                delta = self.momentum.mul_(mom).add_(delta)
+                if self.server_m is None:
+                    self.server_m = torch.zeros_like(x)
+                delta = self.server_m.mul_(mom).add_(delta)
             x.sub_(delta, alpha=lr)
             return
-        if self.momentum is None:
-            self.momentum, self.second = torch.zeros_like(x), torch.zeros_like(x)
+        if self.server_m is None:
+            self.server_m, self.server_v = torch.zeros_like(x), torch.zeros_like(x)
         delta = avg - x
-        m, v, sq = self.momentum, self.second, delta * delta
+        m, v, sq = self.server_m, self.server_v, delta * delta
         m.mul_(mom).add_(delta, alpha=1 - mom)
         if c.server_opt == "adagrad":
             v.add_(sq)

@@ -217,3 +217,24 @@ def check_batch(module: nn.Module, loss: Callable, x: torch.Tensor, y: torch.Ten
                               f"return one loss per sample, shape ({x.shape[0]},) (reduction='none')")
     finally:
         module.train(was_training)
+
+
+def build(cfg: Config, source: Any, first: tuple[torch.Tensor, torch.Tensor], user: dict,
+          device: torch.device, dtype: torch.dtype) -> Parts:
+    """The model, the loss and the algorithm, built-in or the user's (``user``: objects given to
+    ``fit``), checked together on two training samples (``first``). Seeds torch's global RNG
+    with ``cfg.seed`` first, so that every rank builds the same initial model."""
+    unknown = set(user) - {"model", "data", "loss", "algorithm"}
+    if unknown:
+        raise ConfigError(f"unknown part(s) {', '.join(sorted(unknown))}: fit takes model, data, loss, algorithm")
+    torch.manual_seed(cfg.seed)
+    module, model_from = build_model(cfg, source.train.input_shape, source.num_classes, user.get("model"))
+    module = module.to(device, dtype)
+    loss, loss_from = build_loss(cfg, user.get("loss"))
+    algorithm, algo_from = build_algorithm(cfg, user.get("algorithm"))
+    record = {"model": model_from, "data": source.name, "loss": loss_from, "algorithm": algo_from}
+    check_batch(module, loss, *first, record)
+    if cfg.train.compile and any(True for _ in module.buffers()):
+        raise ConfigError("train.compile = true is not supported for a model with buffers (batch norm): its "
+                          "running statistics change inside the compiled graph; set train.compile=false")
+    return Parts(source, module, loss, algorithm, record)

@@ -1,8 +1,11 @@
 """The round loop: sample clients, run the algorithm's two phases, evaluate, log, checkpoint.
 
-Every rank computes; rank 0 alone writes the run directory (DESIGN.md section 5):
-``config.yaml``, ``partition.json``, ``metrics.jsonl`` (one row per round), ``checkpoints/``,
-``summary.json`` and ``model.pt``.
+The trainer composes parts built outside it: the data and its partition
+(:class:`~dist_gradalign.data.clients.ClientData`), the model, loss and algorithm
+(:func:`dist_gradalign.components.build`, where a user's parts enter and are checked), the
+executor (:func:`dist_gradalign.executor.build_executor`) and the run directory
+(:class:`~dist_gradalign.rundir.RunDirectory`). Every rank computes; rank 0 alone writes the
+run directory (DESIGN.md section 5).
 """
 from __future__ import annotations
 
@@ -19,16 +22,14 @@ import numpy as np
 import torch
 
 from . import checkpoint, components
-from .backend import Backend, BucketReducer
-from .config import Config, ConfigError, dump_config
-from .data import holdout, keys_of, partition, sample_clients
-from .data.sources import ImageSplit, Source, drop_corrupt, materialize, open_source
-from .data.stream import InMemory, Streamed, cast, choose_storage, find_corrupt
-from .executor import SequentialExecutor, batch_size_of, choose_executor
-from .models import FlatModel, build_model, evaluate_sums
-from .rundir import RunDirError, RunDirLock, lock_run_dir
+from .backend import Backend
+from .config import Config
+from .data import sample_clients
+from .data.clients import ClientData
+from .executor import batch_size_of, build_executor
+from .models import FlatModel, evaluate_sums
+from .rundir import RunDirectory, RunDirError
 from .tracking import ID_FILE, start_tracker
-from .vectorized import VectorizedExecutor
 
 
 class DivergenceError(RuntimeError):
@@ -64,9 +65,6 @@ class Trainer:
 
     def __post_init__(self) -> None:
         cfg, be = self.cfg, self.backend
-        unknown = set(self.user) - {"model", "data", "loss", "algorithm"}
-        if unknown:
-            raise ConfigError(f"unknown part(s) {', '.join(sorted(unknown))}: fit takes model, data, loss, algorithm")
         be.bytes_sent = 0  # this run's traffic (a backend may serve several runs; resume restores it)
         if be.is_main and cfg.train.clients_per_round < be.world_size:
             print(f"note: train.clients_per_round = {cfg.train.clients_per_round} < {be.world_size} ranks: "
@@ -76,113 +74,49 @@ class Trainer:
         if cfg.train.precision == "bf16" and be.device.type == "cpu" and be.is_main:
             print("note: train.precision = 'bf16' on CPU: autocast runs, but bfloat16 is rarely faster there",
                   file=sys.stderr, flush=True)
-        src = self._open_source()
-        dev = be.device
-        self.data_record = choose_storage(cfg.data, src, be.local_world_size, dev, dtype.itemsize)
-        stream = self.data_record["storage"] == "stream"
-        if be.is_main and stream:
-            rec = self.data_record
-            print(f"data: storage stream ({rec['reason']}), {cfg.data.workers} loader worker(s) per rank",
-                  file=sys.stderr, flush=True)
-        if stream:
-            self._drop_corrupt(src)
-            targets = src.train.labels
-            first = src.normalizer(src.train.read(np.arange(min(2, len(targets))))), targets[:2]
-        else:
-            ds = materialize(src, cfg.data)  # with on_corrupt = skip, undecodable images are dropped here
-            self.data_record["skipped"] = ds.skipped
-            targets = ds.y_train.numpy()
-            first = ds.x_train[:2], targets[:2]
-        # partition keys: class ids, or a user dataset's partition_keys (iid needs neither)
-        keys = keys_of(targets, src.train.keys, cfg.partition.scheme, src.name)
-        # the validation hold-out leaves the training set before partitioning (disjoint from every shard)
-        self.val_np, rest = holdout(keys, cfg.data.val_fraction, cfg.seed)
-        if cfg.data.val_fraction > 0 and len(self.val_np) == 0:
-            raise ConfigError(f"data.val_fraction = {cfg.data.val_fraction} holds out no sample: every class has "
-                              f"fewer than {0.5 / cfg.data.val_fraction:.0f} training samples; raise it")
-        self.shards_np = [rest[s] for s in partition(keys[rest], cfg.partition, cfg.seed)]
-        self.sizes = [len(s) for s in self.shards_np]
-        if min(self.sizes) == 0:
-            raise ConfigError(f"partition.num_clients = {cfg.partition.num_clients} leaves a client with no data "
-                              f"({len(keys)} training samples, scheme {cfg.partition.scheme!r})")
-        # evaluation: each rank a slice of the test set and of the validation hold-out
-        if stream:
-            self.data = Streamed(src, self.val_np, be.rank, be.world_size, dev, dtype, cfg.data, self._reads,
-                                 cfg.train.rounds)
-        else:
-            self.data = InMemory(ds, self.val_np, be.rank, be.world_size, dev, dtype)
-            del ds
-        shards = [torch.as_tensor(s, dtype=torch.long) for s in self.shards_np]  # on CPU: indices are gathered there
-
-        # the model, its loss and the algorithm: built-in or the user's, checked in components
-        torch.manual_seed(cfg.seed)  # the same initial x on every rank (rank 0's is broadcast too)
-        module, model_from = components.build_model(cfg, src.train.input_shape, src.num_classes, self.user.get("model"))
-        module = module.to(dev, dtype)
-        loss, loss_from = components.build_loss(cfg, self.user.get("loss"))
-        self.algo, algo_from = components.build_algorithm(cfg, self.user.get("algorithm"))
-        self.components = {"model": model_from, "data": src.name, "loss": loss_from, "algorithm": algo_from}
-        components.check_batch(module, loss, cast(torch.as_tensor(first[0]), dev, dtype),
-                               cast(torch.as_tensor(first[1]), dev, dtype), self.components)
-        if cfg.train.compile and any(True for _ in module.buffers()):
-            raise ConfigError("train.compile = true is not supported for a model with buffers (batch norm): its "
-                              "running statistics change inside the compiled graph; set train.compile=false")
-        self.fm = FlatModel(module, autocast=cfg.train.precision == "bf16", compile=cfg.train.compile, loss=loss)
+        # the parts, each built outside: data and partition, then model, loss and algorithm
+        self.clients = ClientData.build(cfg, be, dtype, self.user.get("data"), plan=self._reads)
+        self.parts = components.build(cfg, self.clients.source, self.clients.first, self.user, be.device, dtype)
+        self.algo = self.parts.algorithm
+        self.fm = FlatModel(self.parts.module, autocast=cfg.train.precision == "bf16", compile=cfg.train.compile,
+                            loss=self.parts.loss)
+        # the global state: x (rank 0's, broadcast), float buffers (averaged each round) and
+        # integer buffers (counting local steps)
         self.x = self.fm.params.clone()
         be.broadcast_(self.x)
-        # the global buffers: float ones averaged each round, integer ones counting local steps
         self.b = self.fm.buffers.clone()
         if self.b.numel():
             be.broadcast_(self.b)
         self.b_int = [t.clone() for t in self.fm.int_buffers]
-        self.executor_record = choose_executor(cfg.train.executor, dev, module, cfg.train.clients_per_round,
-                                               be.world_size, cfg.train.micro_batch_size)
-        sequential = self.executor_record["executor"] == "sequential"
-        if be.is_main and cfg.train.executor == "auto":
-            print(f"executor: {self.executor_record['executor']} (auto: {self.executor_record['reason']})", flush=True)
-        # Bucketed overlap needs a backward pass per client: the sequential executor only.
-        overlaps = self.algo.needs_client_grads or self.algo.gradient_form
-        self.reducer = (BucketReducer(be, self.fm.param_list, self.fm.grads, int(cfg.train.bucket_mb * 2**20))
-                        if cfg.train.comm == "bucketed" and sequential and overlaps else None)
-        if not sequential:
-            self.executor = VectorizedExecutor(self.fm, self.data, shards, cfg.seed,
-                                               cfg.data.augment, cfg.train.micro_batch_size)
-        else:
-            self.executor = SequentialExecutor(self.fm, self.data, shards, cfg.seed,
-                                               cfg.data.augment, cfg.train.micro_batch_size, self.reducer)
+        self.executor, self.reducer, self.executor_record = build_executor(cfg, be, self.fm, self.data,
+                                                                           self.shards_np, self.algo)
         self.executor.global_buffers = (self.b, self.b_int)
+        self.run_dir = RunDirectory(Path(cfg.run_dir))
         self.counters = Counters()
         self.last_row: dict = {}
         self.stop_requested = False  # set by SIGTERM/SIGUSR1 on this rank
         self.stop_agreed = False  # some rank asked: all stop after this round
-        self.lock: Optional[RunDirLock] = None  # rank 0's lock on run_dir while fit runs
 
-    def _open_source(self) -> Source:
-        """Open the data source (with ``data.download``, local rank 0 fetches it first, once per node)."""
-        cfg, be, data = self.cfg, self.backend, self.user.get("data")
-        if cfg.data.download and be.world_size > 1:
-            src = open_source(cfg.data, data) if be.local_rank == 0 else None
-            be.barrier()
-            return src or open_source(cfg.data, data)
-        return open_source(cfg.data, data)
+    # the data side, as the executors and tests read it
+    @property
+    def data(self):
+        return self.clients.store
 
-    def _drop_corrupt(self, src: Source) -> None:
-        """``data.on_corrupt: skip`` when streaming: every image is decoded once, each rank a slice
-        (with ``data.workers`` processes), and the ranks agree on the list by one all-reduce."""
-        cfg, be = self.cfg, self.backend
-        skipped = []
-        for name in ("train", "test"):
-            split = getattr(src, name)
-            if cfg.data.on_corrupt != "skip" or not isinstance(split, ImageSplit):
-                continue
-            if be.is_main:
-                print(f"data.on_corrupt = skip: decoding the {len(split)} {name} images once to find corrupt "
-                      "ones", file=sys.stderr, flush=True)
-            mask = torch.zeros(len(split), device=be.device)
-            mask[find_corrupt(split, np.arange(be.rank, len(split), be.world_size), cfg.data.workers)] = 1
-            bad = be.all_reduce_(mask, count=False).nonzero().flatten().tolist()
-            skipped += [split.describe(i) for i in bad]
-            setattr(src, name, drop_corrupt(split, bad, name))
-        self.data_record["skipped"] = skipped
+    @property
+    def shards_np(self) -> list[np.ndarray]:
+        return self.clients.shards
+
+    @property
+    def sizes(self) -> list[int]:
+        return self.clients.sizes
+
+    @property
+    def val_np(self) -> np.ndarray:
+        return self.clients.val
+
+    @property
+    def data_record(self) -> dict:
+        return self.clients.record
 
     def _reads(self, rnd: int) -> list[torch.Tensor]:
         """The dataset indices this rank gathers in round ``rnd``, in order (``data.storage: stream``
@@ -323,43 +257,17 @@ class Trainer:
         return {"diag_grad_variance": r, "diag_grad_variance_normalized": r / max(g_sq, 1e-30), "diag_grad_sq": g_sq}
 
     # ------------------------------------------------------------------ checkpoints
-    def _prepare(self, run_dir: Path, ckpt_dir: Path, overwrite: bool, resume: str) -> Optional[dict]:
-        """Rank 0: make the run directory ready; return the checkpoint state to resume from."""
+    def _records(self) -> dict[str, str]:
+        """How the run was composed, for rank 0 to write into run_dir beside config.yaml."""
         cfg = self.cfg
-        _check_writable(run_dir)
-        if overwrite:
-            for name in ("metrics.jsonl", "summary.json", "model.pt"):
-                (run_dir / name).unlink(missing_ok=True)
-            for old in checkpoint.list_checkpoints(ckpt_dir):
-                old.unlink()
-                old.with_suffix(".pt.sha256").unlink(missing_ok=True)
-        latest = None if overwrite or resume == "never" else checkpoint.load_latest(ckpt_dir)
-        if latest:
-            path, state = latest
-            diffs = checkpoint.config_differences(state["config"], cfg.to_dict(), Config().to_dict())
-            if diffs:
-                raise checkpoint.CheckpointError(
-                    f"checkpoint {str(path)!r} was made with another config ({'; '.join(diffs)}): resume with "
-                    "the original config, or choose another run_dir, or pass --overwrite to start again")
-            _truncate_metrics(run_dir / "metrics.jsonl", state["round"])
-            print(f"resuming from {path} (round {state['round']})", flush=True)
-        elif (run_dir / "metrics.jsonl").exists():
-            if resume == "never" or (run_dir / "summary.json").exists():
-                raise RunDirError(f"run_dir = {str(run_dir)!r} already holds a run (metrics.jsonl) and no usable "
-                                  "checkpoint to resume from; choose another run_dir or pass --overwrite")
-            print(f"warning: {run_dir} holds an unfinished run without a usable checkpoint; "
-                  "starting again from round 1", file=sys.stderr, flush=True)
-            (run_dir / "metrics.jsonl").unlink()
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-        (run_dir / "partition.json").write_text(json.dumps(
-            {"scheme": cfg.partition.scheme, "clients": {str(i): s.tolist() for i, s in enumerate(self.shards_np)}}))
-        (run_dir / "data.json").write_text(json.dumps(self.data_record, indent=1))
-        (run_dir / "components.json").write_text(json.dumps(self.components, indent=1))
-        (run_dir / "executor.json").write_text(json.dumps(self.executor_record, indent=1))
+        out = {"partition.json": json.dumps({"scheme": cfg.partition.scheme,
+                                             "clients": {str(i): s.tolist() for i, s in enumerate(self.shards_np)}}),
+               "data.json": json.dumps(self.data_record, indent=1),
+               "components.json": json.dumps(self.parts.record, indent=1),
+               "executor.json": json.dumps(self.executor_record, indent=1)}
         if len(self.val_np):
-            (run_dir / "val_indices.json").write_text(json.dumps(
-                {"val_fraction": cfg.data.val_fraction, "indices": self.val_np.tolist()}))
-        return latest[1] if latest else None
+            out["val_indices.json"] = json.dumps({"val_fraction": cfg.data.val_fraction, "indices": self.val_np.tolist()})
+        return out
 
     def _restore(self, state: dict) -> None:
         be = self.backend
@@ -408,7 +316,7 @@ class Trainer:
                 parts[be.owner(cid)][cid] = row
         self.algo.load_client_state(be.scatter_from_main(parts))
 
-    def _checkpoint(self, ckpt_dir: Path) -> Optional[Path]:
+    def _checkpoint(self) -> Optional[Path]:
         """Every rank contributes its RNG states; rank 0 writes."""
         be = self.backend
         rngs = be.gather_object(checkpoint.rng_state())
@@ -422,7 +330,7 @@ class Trainer:
                  "world_size": be.world_size, "config": self.cfg.to_dict(), "last_row": self.last_row,
                  "wandb_id": id_file.read_text().strip() if id_file.is_file() else None,
                  "clients": per_client}
-        return checkpoint.save(ckpt_dir, state, self.cfg.train.keep_checkpoints)
+        return self.run_dir.save_checkpoint(state, self.cfg.train.keep_checkpoints)
 
     # ------------------------------------------------------------------ the run
     def fit(self, overwrite: bool = False, resume: str = "auto") -> dict:
@@ -433,19 +341,14 @@ class Trainer:
         try:
             return self._fit(overwrite, resume)
         finally:
-            if self.lock:
-                self.lock.release()
-                self.lock = None
+            self.run_dir.close()
 
     def _fit(self, overwrite: bool, resume: str) -> dict:
         cfg, be = self.cfg, self.backend
-        run_dir = Path(cfg.run_dir)
-        ckpt_dir = run_dir / "checkpoints"
         decision: tuple = ("ok", None)
         if be.is_main:
             try:
-                self.lock = lock_run_dir(run_dir)  # before anything in run_dir is written
-                decision = ("ok", self._prepare(run_dir, ckpt_dir, overwrite, resume))
+                decision = ("ok", self.run_dir.open(cfg, overwrite, resume, self._records()))
             except (RunDirError, checkpoint.CheckpointError) as e:
                 decision = ("error", e)
         # every c_i of stateful SCAFFOLD goes only to the rank that owns the client, not to all
@@ -460,14 +363,15 @@ class Trainer:
         if self.counters.round >= cfg.train.rounds:
             summary = self._summary()
             if be.is_main:
-                if not ((run_dir / "model.pt").is_file() and (run_dir / "summary.json").is_file()):
-                    self._write_final(run_dir, summary)  # the run stopped between its last checkpoint and these
-                print(f"{run_dir}: finished at round {self.counters.round}; nothing to do "
+                if not self.run_dir.finished():
+                    self._write_final(summary)  # the run stopped between its last checkpoint and these
+                print(f"{cfg.run_dir}: finished at round {self.counters.round}; nothing to do "
                       "(raise train.rounds to continue, or pass --overwrite)", flush=True)
             return summary
 
-        metrics = open(run_dir / "metrics.jsonl", "a") if be.is_main else None
-        tracker = start_tracker(cfg, run_dir, fresh=overwrite) if be.is_main else None
+        if be.is_main:
+            self.run_dir.start_metrics()
+        tracker = start_tracker(cfg, Path(cfg.run_dir), fresh=overwrite) if be.is_main else None
         bar = None
         if be.is_main and cfg.train.progress:
             from tqdm import tqdm
@@ -486,8 +390,8 @@ class Trainer:
                 if rnd % cfg.train.eval_every == 0 or rnd == cfg.train.rounds:
                     row.update(self.evaluate())
                 self.last_row = row
-                if metrics:
-                    _append(metrics, row)
+                if be.is_main:
+                    self.run_dir.append(row)
                 if tracker:
                     tracker.log(row)
                 if bar:
@@ -495,10 +399,11 @@ class Trainer:
                     bar.set_postfix({k: f"{row[k]:.4f}" for k in ("train_loss", "val_acc", "test_acc") if k in row}, refresh=False)
                 every = cfg.train.checkpoint_every
                 if self.stop_agreed or (every and rnd % every == 0) or rnd == cfg.train.rounds:
-                    path = self._checkpoint(ckpt_dir)
+                    path = self._checkpoint()
                     if self.stop_agreed and rnd < cfg.train.rounds:
                         raise Preempted(f"stopped by a signal after round {rnd} of {cfg.train.rounds}; "
-                                        f"checkpoint {path or ckpt_dir}; run the same command again to resume")
+                                        f"checkpoint {path or self.run_dir.checkpoints}; run the same command "
+                                        "again to resume")
         except BaseException:
             if tracker:
                 tracker.finish(None, exit_code=1)
@@ -508,24 +413,21 @@ class Trainer:
             _restore_handlers(handlers)
             if bar:
                 bar.close()
-            if metrics:
-                metrics.close()
         summary = self._summary()
         if tracker:
             tracker.finish(summary)
         if be.is_main:
-            self._write_final(run_dir, summary)
+            self._write_final(summary)
             acc = f"test_acc {summary['test_acc']:.4f}, " if summary.get("test_acc") is not None else ""
             print(f"{cfg.algorithm.name}: {summary['round']} rounds, {summary['updates']} updates, "
                   f"{acc}test_loss {summary['test_loss']:.4f}, "
-                  f"{summary['time']:.1f}s, {be.world_size} rank(s) -> {run_dir}", flush=True)
+                  f"{summary['time']:.1f}s, {be.world_size} rank(s) -> {cfg.run_dir}", flush=True)
         return summary
 
-    def _write_final(self, run_dir: Path, summary: dict) -> None:
+    def _write_final(self, summary: dict) -> None:
         """Rank 0: the final parameters and buffers (``model.pt``) and ``summary.json``."""
         self.load_global()
-        torch.save(self.fm.state_dict(), run_dir / "model.pt")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        self.run_dir.write_final(self.fm.state_dict(), summary)
 
     def _summary(self) -> dict:
         row = self.last_row
@@ -549,30 +451,3 @@ def _install_stop_handlers(trainer: Trainer) -> dict:
 def _restore_handlers(handlers: dict) -> None:
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
-
-
-def _append(metrics, row: dict) -> None:
-    try:
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-    except OSError as e:
-        raise RunDirError(f"cannot write {metrics.name!r}: {e.strerror or e}; the rows and checkpoints "
-                          "written before are kept: free space and run the same command to resume") from None
-
-
-def _truncate_metrics(path: Path, last_round: int) -> None:
-    """Drop the rows after the checkpoint's round: the resumed run writes them again."""
-    if not path.is_file():
-        return
-    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["round"] <= last_round]
-    path.write_text("".join(l + "\n" for l in keep))
-
-
-def _check_writable(run_dir: Path) -> None:
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise RunDirError(f"run_dir = {str(run_dir)!r} is not writable: {e.strerror or e}") from None

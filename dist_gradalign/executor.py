@@ -124,6 +124,25 @@ def choose_executor(requested: str, device: torch.device, module: torch.nn.Modul
     return {"executor": choice, "reason": reason, **out}
 
 
+def build_executor(cfg, be, fm: FlatModel, data, shards: list, algo: Algorithm):
+    """The executor ``train.executor`` chooses (see :func:`choose_executor`), with its bucketed
+    reducer (``train.comm: bucketed``; the sequential executor only, for algorithms with a
+    gradient pass it can overlap). Returns (executor, reducer or None, executor.json record)."""
+    from .vectorized import VectorizedExecutor
+
+    t = cfg.train
+    record = choose_executor(t.executor, be.device, fm.module, t.clients_per_round, be.world_size, t.micro_batch_size)
+    if be.is_main and t.executor == "auto":
+        print(f"executor: {record['executor']} (auto: {record['reason']})", flush=True)
+    shards = [torch.as_tensor(s, dtype=torch.long) for s in shards]  # on CPU: indices are gathered there
+    if record["executor"] == "vectorized":
+        return VectorizedExecutor(fm, data, shards, cfg.seed, cfg.data.augment, t.micro_batch_size), None, record
+    overlaps = algo.needs_client_grads or algo.gradient_form
+    reducer = (BucketReducer(be, fm.param_list, fm.grads, int(t.bucket_mb * 2**20))
+               if t.comm == "bucketed" and overlaps else None)
+    return SequentialExecutor(fm, data, shards, cfg.seed, cfg.data.augment, t.micro_batch_size, reducer), reducer, record
+
+
 class SequentialExecutor:
     """Runs a rank's clients in a plain loop over one :class:`FlatModel`.
 

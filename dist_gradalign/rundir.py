@@ -1,4 +1,5 @@
-"""The run directory's lock: one run at a time per ``run_dir``.
+"""The run directory: what rank 0 writes there (:class:`RunDirectory`), and its lock: one run at a
+time per ``run_dir``.
 
 Rank 0 holds an exclusive ``fcntl.flock`` on ``run_dir/.lock`` for the whole of ``Trainer.fit``,
 taken before anything in the directory is written. The kernel drops the lock when the process
@@ -83,3 +84,107 @@ def _read_holder(fd: int) -> str:
         return f"pid {info['pid']} on host {info['host']}, since {info['since']}"
     except (OSError, ValueError, TypeError, KeyError):
         return "a process that has just started; its pid and host are not written yet"
+
+
+class RunDirectory:
+    """Everything rank 0 writes into ``run_dir`` (the trainer calls it on rank 0 only):
+    the lock, the records of how the run was composed, ``metrics.jsonl``, checkpoints, and the
+    final ``model.pt`` and ``summary.json``. Nothing already written is lost on a failure."""
+
+    def __init__(self, path: Path):
+        self.path, self.checkpoints = path, path / "checkpoints"
+        self.lock: Optional[RunDirLock] = None
+        self.metrics = None
+
+    def open(self, cfg, overwrite: bool, resume: str, records: dict[str, str]) -> Optional[dict]:
+        """Lock the directory, make it ready (``overwrite``: the old run's outputs removed), and
+        write ``config.yaml`` and ``records`` (file name -> text). Returns the newest good
+        checkpoint's state to resume from (``resume: auto``), or None; refuses a checkpoint made
+        with another config, and a finished or unresumable run without ``overwrite``."""
+        from . import checkpoint
+        from .config import Config, dump_config
+
+        self.lock = lock_run_dir(self.path)  # before anything in run_dir is written
+        _check_writable(self.path)
+        metrics = self.path / "metrics.jsonl"
+        if overwrite:
+            for name in ("metrics.jsonl", "summary.json", "model.pt"):
+                (self.path / name).unlink(missing_ok=True)
+            for old in checkpoint.list_checkpoints(self.checkpoints):
+                old.unlink()
+                old.with_suffix(".pt.sha256").unlink(missing_ok=True)
+        latest = None if overwrite or resume == "never" else checkpoint.load_latest(self.checkpoints)
+        if latest:
+            path, state = latest
+            diffs = checkpoint.config_differences(state["config"], cfg.to_dict(), Config().to_dict())
+            if diffs:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {str(path)!r} was made with another config ({'; '.join(diffs)}): resume with "
+                    "the original config, or choose another run_dir, or pass --overwrite to start again")
+            _truncate_metrics(metrics, state["round"])
+            print(f"resuming from {path} (round {state['round']})", flush=True)
+        elif metrics.exists():
+            if resume == "never" or (self.path / "summary.json").exists():
+                raise RunDirError(f"run_dir = {str(self.path)!r} already holds a run (metrics.jsonl) and no usable "
+                                  "checkpoint to resume from; choose another run_dir or pass --overwrite")
+            print(f"warning: {self.path} holds an unfinished run without a usable checkpoint; "
+                  "starting again from round 1", file=sys.stderr, flush=True)
+            metrics.unlink()
+        (self.path / "config.yaml").write_text(dump_config(cfg))
+        for name, text in records.items():
+            (self.path / name).write_text(text)
+        return latest[1] if latest else None
+
+    def finished(self) -> bool:
+        return (self.path / "model.pt").is_file() and (self.path / "summary.json").is_file()
+
+    def start_metrics(self) -> None:
+        self.metrics = open(self.path / "metrics.jsonl", "a")
+
+    def append(self, row: dict) -> None:
+        """One row of ``metrics.jsonl``, flushed."""
+        try:
+            self.metrics.write(json.dumps(row) + "\n")
+            self.metrics.flush()
+        except OSError as e:
+            raise RunDirError(f"cannot write {self.metrics.name!r}: {e.strerror or e}; the rows and checkpoints "
+                              "written before are kept: free space and run the same command to resume") from None
+
+    def save_checkpoint(self, state: dict, keep: int) -> Path:
+        from . import checkpoint
+
+        return checkpoint.save(self.checkpoints, state, keep)
+
+    def write_final(self, state_dict: dict, summary: dict) -> None:
+        """The final ``model.pt`` (parameters and buffers) and ``summary.json``."""
+        import torch
+
+        torch.save(state_dict, self.path / "model.pt")
+        (self.path / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    def close(self) -> None:
+        """Close ``metrics.jsonl`` and release the lock (also when the run failed)."""
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
+        if self.lock:
+            self.lock.release()
+            self.lock = None
+
+
+def _truncate_metrics(path: Path, last_round: int) -> None:
+    """Drop the rows after the checkpoint's round: the resumed run writes them again."""
+    if not path.is_file():
+        return
+    keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["round"] <= last_round]
+    path.write_text("".join(l + "\n" for l in keep))
+
+
+def _check_writable(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"run_dir = {str(run_dir)!r} is not writable: {e.strerror or e}") from None

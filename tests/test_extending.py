@@ -3,7 +3,6 @@ the parts in tests/user_parts.py get every guarantee the built-ins have. Real pr
 (torchrun, gloo), the real staged CIFAR-10, W&B offline."""
 import io
 import json
-import sys
 import zipfile
 from contextlib import redirect_stderr
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import dist_gradalign as dg
 from dist_gradalign.backend import Backend
@@ -19,7 +17,7 @@ from dist_gradalign.cli import main
 from dist_gradalign.engine import Trainer
 from test_distributed import torchrun
 from test_wandb import read_wandb_log
-from util import REPO, SHARED_DATA, base_config, load_params, run_dir_rows, write_npz, write_tiny_config
+from util import SHARED_DATA, base_config, load_params, run_dir_rows, write_npz, write_tiny_config
 
 CIFAR_ZIP = SHARED_DATA / "cifar10" / "cifar10-jpeg-q75.zip"
 CIFAR_NORM = [[0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]]

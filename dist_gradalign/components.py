@@ -108,7 +108,10 @@ def call(key: str, name: str, factory: Callable, kwargs: dict, offered: Optional
 
 
 def describe(obj: Any) -> str:
-    """How ``components.json`` names a part given as an object."""
+    """How ``components.json`` names a part given as an object: ``module:qualname`` of the
+    function or class (of an instance: its class); a pair, both."""
+    if isinstance(obj, (tuple, list)):
+        return "(" + ", ".join(describe(o) for o in obj) + ")"
     target = obj if inspect.isclass(obj) or inspect.isfunction(obj) else type(obj)
     return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
 

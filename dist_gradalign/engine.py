@@ -375,7 +375,7 @@ class Trainer:
         bar = None
         if be.is_main and cfg.train.progress:
             from tqdm import tqdm
-            bar = tqdm(total=cfg.train.rounds, initial=self.counters.round, desc=cfg.algorithm.name,
+            bar = tqdm(total=cfg.train.rounds, initial=self.counters.round, desc=self.parts.record["algorithm"],
                        unit="round", dynamic_ncols=True)
         handlers = _install_stop_handlers(self)
         try:
@@ -419,7 +419,7 @@ class Trainer:
         if be.is_main:
             self._write_final(summary)
             acc = f"test_acc {summary['test_acc']:.4f}, " if summary.get("test_acc") is not None else ""
-            print(f"{cfg.algorithm.name}: {summary['round']} rounds, {summary['updates']} updates, "
+            print(f"{summary['algorithm']}: {summary['round']} rounds, {summary['updates']} updates, "
                   f"{acc}test_loss {summary['test_loss']:.4f}, "
                   f"{summary['time']:.1f}s, {be.world_size} rank(s) -> {cfg.run_dir}", flush=True)
         return summary
@@ -434,7 +434,7 @@ class Trainer:
         summary = {k: row.get(k) for k in ("round", "comm_rounds", "updates", "samples", "bytes",
                                             "train_loss", "test_acc", "test_loss", "time")}
         summary.update({k: row[k] for k in ("val_acc", "val_loss") if k in row})
-        summary["algorithm"] = self.cfg.algorithm.name
+        summary["algorithm"] = self.parts.record["algorithm"]  # the config's name, or the object given to fit
         return summary
 
 

@@ -184,7 +184,7 @@ def test_fit_takes_objects_and_returns_parameters_and_rows(tmp_path):
     assert result.metrics[-1]["test_loss"] < result.metrics[0]["test_loss"]
     assert load_params(cfg.run_dir)["1.weight"].equal(module[1].weight.detach())
     comp = json.loads((Path(cfg.run_dir) / "components.json").read_text())
-    assert comp == {"model": "torch.nn.modules.container:Sequential", "data": "builtins:tuple",
+    assert comp == {"model": "torch.nn.modules.container:Sequential", "data": "(user_parts:Pairs, user_parts:Pairs)",
                     "loss": "user_parts:squared_error", "algorithm": "fedavg"}
 
 
@@ -257,6 +257,17 @@ def test_a_bad_part_is_one_config_error_line_exit_2_before_training(tmp_path, ov
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("config error: "), err.getvalue()
     assert BAD[override] in lines[0]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_script_calling_fit_runs_on_every_rank_under_torchrun(tmp_path):
+    """examples/fit_api.py: the parts as Python objects, the same script on both ranks, fit
+    creating the process group; rank 0 prints what fit returned."""
+    proc = torchrun(2, "examples/fit_api.py", str(tmp_path / "run"), "train.rounds=4", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("fit_api: 4 rounds") == 1, proc.stdout
+    comp = json.loads((tmp_path / "run" / "components.json").read_text())
+    assert comp["algorithm"] == "local_momentum:LocalMomentum" and comp["model"] == "char_lm:CharLSTM"
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["algorithm"] == "local_momentum:LocalMomentum"
 
 
 @pytest.mark.parametrize("example", ["resnet18_bn", "char_lm", "local_momentum"])

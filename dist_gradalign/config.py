@@ -103,6 +103,15 @@ class AlgorithmConfig:
     global_grad: str = _opt("fresh", choices=("fresh", "previous"))
     # scaffold: control variates recomputed each round (the paper's Theorem 5) or kept per client
     control: str = _opt("per_round", choices=("per_round", "stateful"))
+    # learning-rate schedule by round (dist_gradalign/algorithms/schedule.py): a factor s(t) on lr,
+    # linear warmup over warmup_rounds, then constant (the paper) | step | cosine
+    lr_schedule: str = _opt("constant", choices=("constant", "step", "cosine"))
+    warmup_rounds: int = _opt(0, ge=0)
+    lr_milestones: list[int] = _opt([])  # step: s(t) x lr_gamma after each of these rounds
+    lr_gamma: float = _opt(0.1, gt=0.0, le=1.0)  # step
+    lr_min_factor: float = _opt(0.0, ge=0.0, le=1.0)  # cosine: s(t) falls towards it at train.rounds
+    schedule_server: bool = False  # s(t) also on server_lr
+    beta_schedule: str = _opt("fixed", choices=("fixed", "scaled"))  # scaled: beta x s(t) (alpha beta ~ s(t)^2)
     server_opt: str = _opt("sgd", choices=("sgd", "adam", "yogi", "adagrad"))  # Reddi et al. 2021
     server_beta2: float = _opt(0.99, ge=0.0, lt=1.0)  # adam, yogi
     server_eps: float = _opt(1e-3, gt=0.0)  # tau of the adaptive server optimizers
@@ -309,6 +318,16 @@ def validate(cfg: Config) -> Config:
     if a.name in ("lbsgd", "gradalign") and a.local_steps != 1:
         raise ConfigError(f"algorithm.local_steps = {a.local_steps} is not allowed for algorithm.name = "
                           f"{a.name!r}: it takes exactly one update per round; set local_steps=1")
+    if a.lr_milestones and a.lr_schedule != "step":
+        raise ConfigError(f"algorithm.lr_milestones = {a.lr_milestones!r} is not allowed with algorithm.lr_schedule = "
+                          f"{a.lr_schedule!r}: milestones belong to the step schedule; set lr_schedule=step or remove them")
+    if a.lr_schedule == "step" and (not a.lr_milestones or any(m < 1 for m in a.lr_milestones)
+                                    or a.lr_milestones != sorted(set(a.lr_milestones))):
+        raise ConfigError(f"algorithm.lr_milestones = {a.lr_milestones!r} is not allowed for algorithm.lr_schedule = "
+                          "'step': give increasing rounds >= 1, e.g. [150, 225]")
+    if a.lr_schedule == "cosine" and a.warmup_rounds >= t.rounds:
+        raise ConfigError(f"algorithm.warmup_rounds = {a.warmup_rounds} is out of range for algorithm.lr_schedule = "
+                          f"'cosine': must be < train.rounds = {t.rounds} (the decay runs after the warmup)")
     if t.executor == "vectorized" and t.micro_batch_size is not None:
         raise ConfigError(f"train.micro_batch_size = {t.micro_batch_size} is not allowed with train.executor = "
                           "'vectorized' (it runs whole batches); use the sequential executor or drop it")

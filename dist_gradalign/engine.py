@@ -26,6 +26,7 @@ from .backend import Backend
 from .config import Config
 from .data import sample_clients
 from .data.clients import ClientData
+from .algorithms.schedule import is_scheduled
 from .executor import batch_size_of, build_executor
 from .models import FlatModel, evaluate_sums
 from .rundir import RunDirectory, RunDirError
@@ -159,6 +160,7 @@ class Trainer:
         """One round of the algorithm (DESIGN.md section 1); returns the metrics row."""
         be, algo, x, ex = self.backend, self.algo, self.x, self.executor
         ex.start_round()
+        algo.set_round(rnd, self.cfg.train.rounds)
         clients = self.round_clients(rnd)
         weights = self._weights(clients)
         mine = self._mine(clients)
@@ -207,6 +209,8 @@ class Trainer:
         c.samples += self._samples(clients)
         row = {"round": rnd, "comm_rounds": c.comm_rounds, "updates": c.updates, "samples": c.samples,
                "bytes": be.bytes_sent, "clients": clients, "train_loss": float(buf[n])}
+        if is_scheduled(algo.cfg):
+            row["lr"] = algo.lr
         if algo.reduces_g:
             r = 0.5 * float(buf[n + 1])  # r(x) = 1/2 sum_i w_i ||g_i - g||^2
             row["grad_variance"] = r

@@ -291,7 +291,7 @@ class SequentialExecutor:
         w_i times the raw minibatch gradient instead (the last client's during its backward
         pass, overlapped with the reducer's all-reduce); ``algo.average_from_gradient`` turns
         the sum into sum_i w_i y_i."""
-        lr, fm, steps, n = algo.cfg.lr, self.fm, algo.local_steps(), x.numel()
+        lr, fm, steps, n = algo.lr, self.fm, algo.local_steps(), x.numel()
         gradient_form = self.reducer is not None and algo.gradient_form
         for j, cid in enumerate(clients):
             w = weights[cid]

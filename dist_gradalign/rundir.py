@@ -121,6 +121,12 @@ class RunDirectory:
                 raise checkpoint.CheckpointError(
                     f"checkpoint {str(path)!r} was made with another config ({'; '.join(diffs)}): resume with "
                     "the original config, or choose another run_dir, or pass --overwrite to start again")
+            saved = state["config"]
+            if saved.get("algorithm", {}).get("lr_schedule") == "cosine" and saved["train"]["rounds"] != cfg.train.rounds:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {str(path)!r} belongs to a cosine schedule over train.rounds = "
+                    f"{saved['train']['rounds']}: {cfg.train.rounds} rounds would change the step size of the rounds "
+                    "already run; resume with the original train.rounds, or pass --overwrite to start again")
             _truncate_metrics(metrics, state["round"])
             print(f"resuming from {path} (round {state['round']})", flush=True)
         elif metrics.exists():

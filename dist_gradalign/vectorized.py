@@ -78,7 +78,7 @@ class VectorizedExecutor(SequentialExecutor):
                       buf: torch.Tensor) -> None:
         """The algorithm's hooks run once per group on the stacked (m, n) iterates: they are
         elementwise, so row j is exactly client j's computation."""
-        lr, steps, n = algo.cfg.lr, algo.local_steps(), x.numel()
+        lr, steps, n = algo.lr, algo.local_steps(), x.numel()
         batches = {c: local_batches(self.seed, rnd, c, len(self.shards[c]), steps, algo.cfg.local_batch_size)
                    for c in clients}
         for group in self._groups(clients, lambda c: tuple(len(b) for b in batches[c])):

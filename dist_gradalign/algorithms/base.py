@@ -20,6 +20,7 @@ from typing import Optional, Union
 import torch
 
 from ..config import AlgorithmConfig
+from .schedule import lr_factor
 
 
 @dataclass
@@ -48,9 +49,20 @@ class Algorithm:
 
     def __init__(self, cfg: AlgorithmConfig):
         self.cfg = cfg
+        # this round's step sizes (algorithm.lr_schedule; set_round): hooks read these, not cfg's
+        self.lr, self.beta, self.server_lr = cfg.lr, cfg.beta, cfg.server_lr
         self.server_m: Optional[torch.Tensor] = None  # m of the server optimizer
         self.server_v: Optional[torch.Tensor] = None  # v of the adaptive server optimizers
         self.direction: Optional[torch.Tensor] = None  # d of global_grad: previous
+
+    def set_round(self, rnd: int, rounds: int) -> None:
+        """This round's lr (and beta, server_lr where scheduled): the schedule's factor s(rnd)
+        (``dist_gradalign/algorithms/schedule.py``); exactly the config's values when s = 1."""
+        f = lr_factor(self.cfg, rnd, rounds)
+        c = self.cfg
+        self.lr = c.lr if f == 1.0 else c.lr * f
+        self.beta = c.beta * f if c.beta_schedule == "scaled" and f != 1.0 else c.beta
+        self.server_lr = c.server_lr * f if c.schedule_server and f != 1.0 else c.server_lr
 
     def local_steps(self) -> int:
         """K: local updates per client per round."""
@@ -111,7 +123,7 @@ class Algorithm:
         x - lr (grad_sum + lambda x), in place in ``grad_sum``."""
         if self.cfg.weight_decay:
             grad_sum.add_(x, alpha=self.cfg.weight_decay)
-        return grad_sum.mul_(-self.cfg.lr).add_(x)
+        return grad_sum.mul_(-self.lr).add_(x)
 
     def state_dict(self) -> dict:
         """The server state carried across rounds (for checkpoints)."""
@@ -137,7 +149,7 @@ class Algorithm:
         adagrad v <- v + Delta^2, adam v <- b2 v + (1 - b2) Delta^2,
         yogi v <- v - (1 - b2) Delta^2 sign(v - Delta^2); x <- x + eta_s m / (sqrt(v) + tau)."""
         c = self.cfg
-        lr, mom = c.server_lr, c.server_momentum
+        lr, mom = self.server_lr, c.server_momentum
         if c.server_opt == "sgd":
             if lr == 1.0 and mom == 0.0:
                 x.copy_(avg)

@@ -29,13 +29,13 @@ class FedGA(Algorithm):
         return self.direction if self.previous else g
 
     def client_start(self, c: ClientState, y) -> None:
-        if self.cfg.beta and c.g is not None:
-            y.sub_(c.g - c.g_i, alpha=self.cfg.beta)
+        if self.beta and c.g is not None:
+            y.sub_(c.g - c.g_i, alpha=self.beta)
 
     def client_upload(self, c: ClientState, y) -> None:
-        if self.previous and self.cfg.beta and c.g is not None:
-            y.add_(c.g - c.g_i, alpha=self.cfg.beta)
+        if self.previous and self.beta and c.g is not None:
+            y.add_(c.g - c.g_i, alpha=self.beta)
 
     def after_round(self, x, avg, uploads=None, fraction=1.0) -> None:
         if self.previous:  # d = (x - sum_i w_i u_i) / (alpha K)
-            self.direction = (x - avg).div_(self.cfg.lr * self.local_steps())
+            self.direction = (x - avg).div_(self.lr * self.local_steps())

@@ -34,4 +34,4 @@ class GradAlign(FedGA):
 
     def after_round(self, x, avg, uploads=None, fraction=1.0) -> None:
         if self.previous:  # d = (x - sum_i w_i u_i) / alpha - lambda x = sum_i w_i grad f_i(x - beta v_i)
-            self.direction = (x - avg).div_(self.cfg.lr).sub_(x, alpha=self.cfg.weight_decay)
+            self.direction = (x - avg).div_(self.lr).sub_(x, alpha=self.cfg.weight_decay)

@@ -92,7 +92,7 @@ class Scaffold(Algorithm):
         """stateful: c_i+ - c_i = (x - y_K) / (K alpha) - c; stores c_i+ and returns the change."""
         if not self.keeps_client_state:
             return None
-        change = (c.x - y).div_(self.local_steps() * self.cfg.lr)
+        change = (c.x - y).div_(self.local_steps() * self.lr)
         if self.control is not None:
             change.sub_(self.control)
         new = c.control + change

@@ -58,6 +58,8 @@ def _configs(root, world):
     add("fedga-yogi", "fedga", server_opt="yogi", server_momentum=0.9, server_lr=0.05)
     add("fedga-previous", "fedga", global_grad="previous")
     add("gradalign-previous", "gradalign", global_grad="previous")
+    add("fedga-warmup-cosine", "fedga", warmup_rounds=2, lr_schedule="cosine", beta_schedule="scaled",
+        schedule_server=True, server_lr=0.9)
     add("scaffold-stateful", "scaffold", control="stateful")
     if world in (2, 4):  # stateful SCAFFOLD started on 2 ranks, resumed on 4: the c_i move to their new owners
         cfg = from_dict({**out[-1], "run_dir": str(root / "moved" / "run")})
@@ -90,7 +92,7 @@ def runs(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("name", [*ALGOS, "gradalign-adam", "fedga-yogi", "fedga-previous",
+@pytest.mark.parametrize("name", [*ALGOS, "gradalign-adam", "fedga-yogi", "fedga-previous", "fedga-warmup-cosine",
                                   "gradalign-previous", "scaffold-stateful", "fedga-compile", "gradalign-micro", *(n + "-flat" for n in COMM),
                                   "few", "few-gradalign"])
 def test_world_size_invariance(runs, name):

@@ -101,6 +101,9 @@ class AlgorithmConfig:
     server_momentum: float = _opt(0.0, ge=0.0, lt=1.0)  # sgd: heavy ball (FedAvgM); adaptive: beta_1
     # fedga, gradalign: g from this round's extra all-reduce (the paper), or the previous round's direction
     global_grad: str = _opt("fresh", choices=("fresh", "previous"))
+    # the displacement y_0 = x - beta (g - g_i) on any rule: none | fresh | previous (g: the
+    # previous round's direction); null: the algorithm's own (fedga, gradalign: fresh)
+    displacement: Optional[str] = _opt(None, choices=("none", "fresh", "previous"))
     # scaffold: control variates recomputed each round (the paper's Theorem 5) or kept per client
     control: str = _opt("per_round", choices=("per_round", "stateful"))
     # learning-rate schedule by round (dist_gradalign/algorithms/schedule.py): a factor s(t) on lr,
@@ -312,6 +315,19 @@ def validate(cfg: Config) -> Config:
     if a.global_grad != "fresh" and a.name not in ("fedga", "gradalign") and not is_import_path(a.name):
         raise ConfigError(f"algorithm.global_grad = {a.global_grad!r} is not allowed for algorithm.name = {a.name!r}: "
                           "it chooses how fedga and gradalign form g; remove it")
+    if a.displacement is not None and a.name in ("fedga", "gradalign"):
+        want = "previous" if a.global_grad == "previous" else "fresh"
+        if a.displacement != want:
+            raise ConfigError(f"algorithm.displacement = {a.displacement!r} is not allowed for algorithm.name = "
+                              f"{a.name!r}, which is {'fedavg' if a.name == 'fedga' else 'lbsgd'} with displacement "
+                              f"{want!r} (global_grad = {a.global_grad!r}); use that name with the displacement you "
+                              "want, or remove the key")
+    if a.displacement not in (None, "none") and a.name == "scaffold" and (a.control == "stateful"
+                                                                         or a.displacement == "previous"):
+        raise ConfigError(f"algorithm.displacement = {a.displacement!r} is not allowed for algorithm.name = 'scaffold' "
+                          f"with control = {a.control!r}: the displacement shares per-round SCAFFOLD's fresh g and g_i "
+                          "(stateful SCAFFOLD forms no g; previous would replace the g its correction needs); use "
+                          "displacement=fresh with control=per_round")
     if a.control != "per_round" and a.name != "scaffold" and not is_import_path(a.name):
         raise ConfigError(f"algorithm.control = {a.control!r} is not allowed for algorithm.name = {a.name!r}: "
                           "it chooses SCAFFOLD's control variates; remove it")

@@ -19,6 +19,7 @@ class LocalMomentum(Algorithm):
         self.momentum = momentum
 
     def client_start(self, c: ClientState, y) -> None:
+        super().client_start(c, y)  # the displacement, with algorithm.displacement: fresh | previous
         c.velocity = None  # per client and round: the hooks see the same ClientState all round
 
     def local_direction(self, c: ClientState, y, grad) -> None:

@@ -50,7 +50,7 @@ def ref_local_batches(seed, rnd, cid, n, steps, b):
 
 def ref_grad_positions(a, seed, rnd, cid, n):
     """Shard positions of g_i: GradAlign's first local minibatch, else the ``full_grad_batch`` subsample."""
-    if a["name"] == "gradalign":
+    if a["name"] in ("gradalign", "lbsgd"):  # one-step rules: g_i on the step's own minibatch
         return ref_local_batches(seed, rnd, cid, n, 1, a["local_batch_size"])[0]
     s = a["full_grad_batch"]
     return np.arange(n) if s == "full" or s >= n else np.sort(_stream(seed, rnd, cid, 2).permutation(n)[:s])
@@ -63,7 +63,13 @@ def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_
     mom, v = np.zeros_like(W), np.zeros_like(W)
     K = 1 if a["name"] in ("lbsgd", "gradalign") else a["local_steps"]
     variances = []
-    previous = a.get("global_grad", "fresh") == "previous"
+    # the displacement: fedga and gradalign have it (fresh, or previous with global_grad), any
+    # rule takes it with algorithm.displacement
+    disp = a.get("displacement") or ("fresh" if a["name"] in ("fedga", "gradalign") else "none")
+    if disp == "fresh" and a.get("global_grad") == "previous":
+        disp = "previous"
+    previous = disp == "previous"
+    one_step = a["name"] in ("lbsgd", "gradalign")
     direction = None  # global_grad = previous: the previous round's d
     stateful = a.get("control", "per_round") == "stateful"
     c_server, c_client = np.zeros_like(W), {}  # stateful SCAFFOLD: c and c_i (absent = 0)
@@ -85,10 +91,10 @@ def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_
         for wi, c, gii in zip(w, clients, gi):
             y = W.copy()
             vi = None if g is None else g - gii
-            if a["name"] in ("fedga", "gradalign") and vi is not None:
+            if disp != "none" and vi is not None:
                 y -= a["beta"] * vi
             for pos in ref_local_batches(seed, rnd, c, len(shards[c]), K, a["local_batch_size"]):
-                at = W if previous and a["name"] == "gradalign" else y  # GradAlign previous: decay at x
+                at = W if previous and one_step else y  # one-step rules with previous: decay at x
                 d = ref_grad(y, X[shards[c][pos]], Y[shards[c][pos]], C) + a["weight_decay"] * at
                 if a["name"] == "fedprox":
                     d += a["mu"] * (y - W)
@@ -105,7 +111,7 @@ def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_
         c_server = c_server + c_change
         if previous:
             direction = (W - avg) / (a["lr"] * K)
-            if a["name"] == "gradalign":
+            if one_step:
                 direction = direction - a["weight_decay"] * W
         opt, b1 = a.get("server_opt", "sgd"), a["server_momentum"]
         if opt == "sgd":
@@ -287,6 +293,73 @@ def test_minibatch_run_matches_numpy_reference(tmp_path, name, comm):
         np.testing.assert_allclose([r["grad_variance"] for r in rows], var_ref, rtol=1e-9)
     else:
         assert "grad_variance" not in rows[0]
+
+
+DISPLACED = {"fedavg-fresh": ("fedavg", "fresh"), "fedavg-previous": ("fedavg", "previous"),
+             "fedprox-fresh": ("fedprox", "fresh"), "fedprox-previous": ("fedprox", "previous"),
+             "scaffold-fresh": ("scaffold", "fresh"), "lbsgd-fresh": ("lbsgd", "fresh"),
+             "lbsgd-previous": ("lbsgd", "previous")}
+
+
+def _displaced_run(tmp_path, name, displacement, executor, beta=0.3, rule=None, **extra):
+    """A float64 minibatch run of ``name`` (with ``rule``'s settings) with the displacement."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(40, 1, 3)).astype(np.float32).astype(np.float64)
+    Y = np.arange(40) % 3
+    path = write_npz(tmp_path / "small.npz", X, Y, X, Y)
+    algo = {"name": name, **MINIBATCH, **ALGOS[rule or name], "beta": beta, **extra}
+    if displacement:
+        algo["displacement"] = displacement
+    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo, seed=3,
+                      partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3, "min_size": 6},
+                      train={"rounds": 3, "clients_per_round": 3, "precision": "float64", "executor": executor})
+    Trainer(cfg).fit()
+    rows = run_dir_rows(cfg.run_dir)
+    shards = [np.array(v) for v in json.loads((tmp_path / "run" / "partition.json").read_text())["clients"].values()]
+    sd = load_params(cfg.run_dir)
+    W = np.hstack([sd["linear.weight"].numpy(), sd["linear.bias"].numpy()[:, None]])
+    return algo, X.reshape(40, 3), Y, shards, rows, W, cfg.seed
+
+
+@pytest.mark.parametrize("executor", ["sequential", "vectorized"])
+@pytest.mark.parametrize("combo", list(DISPLACED))
+def test_displacement_on_any_rule_matches_numpy_reference(tmp_path, combo, executor):
+    """algorithm.displacement on fedavg, fedprox (the proximal term pulls towards x, not the
+    displaced start), per-round scaffold (sharing the round's g and g_i with its correction) and
+    lbsgd (g_i on the step's minibatch), fresh and previous, with minibatches and g_i subsamples."""
+    name, displacement = DISPLACED[combo]
+    algo, X, Y, shards, rows, W, seed = _displaced_run(tmp_path, name, displacement, executor)
+    clients = [r["clients"] for r in rows]
+    W_ref, var_ref = ref_run(algo, X, Y, 3, shards, clients, seed=seed)
+    np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
+    plain = ref_run({**algo, "displacement": "none"}, X, Y, 3, shards, clients, seed=seed)[0]
+    assert np.abs(W - plain).max() > 1e-6, "the displacement must change this run"
+    two = displacement == "fresh" or name == "scaffold"
+    assert [r["comm_rounds"] for r in rows] == [k * (2 if two else 1) for k in (1, 2, 3)]
+    if displacement == "fresh":
+        np.testing.assert_allclose([r["grad_variance"] for r in rows], var_ref, rtol=1e-9)
+
+
+@pytest.mark.parametrize("rule, named", [("fedavg", "fedga"), ("lbsgd", "gradalign")])
+@pytest.mark.parametrize("displacement", ["fresh", "previous"])
+def test_fedga_and_gradalign_are_their_rules_with_the_displacement_bitwise(tmp_path, rule, named, displacement):
+    a = _displaced_run(tmp_path / "rule", rule, displacement, "sequential")[-2]
+    b = _displaced_run(tmp_path / "named", named, None, "sequential", rule=rule, global_grad=displacement)[-2]
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("algorithm, match", [
+    ({"name": "fedga", "displacement": "none"}, "which is fedavg with displacement 'fresh'"),
+    ({"name": "gradalign", "displacement": "previous"}, "which is lbsgd with displacement 'fresh'"),
+    ({"name": "scaffold", "displacement": "fresh", "control": "stateful"}, "stateful SCAFFOLD forms no g"),
+    ({"name": "scaffold", "displacement": "previous"}, "previous would replace the g its correction needs"),
+    ({"name": "fedavg", "displacement": "sideways"}, "displacement = 'sideways' is not allowed"),
+])
+def test_displacement_combinations_that_make_no_sense_are_config_errors(algorithm, match):
+    from dist_gradalign.config import ConfigError, from_dict
+    with pytest.raises(ConfigError, match=match):
+        from_dict({"algorithm": algorithm})
 
 
 def _next_round_batch(a, seed, rnd, cid, n):

@@ -58,6 +58,9 @@ def _configs(root, world):
     add("fedga-yogi", "fedga", server_opt="yogi", server_momentum=0.9, server_lr=0.05)
     add("fedga-previous", "fedga", global_grad="previous")
     add("gradalign-previous", "gradalign", global_grad="previous")
+    add("fedprox-displaced", "fedprox", displacement="fresh", beta=0.1)
+    add("scaffold-displaced", "scaffold", displacement="fresh", beta=0.1)
+    add("lbsgd-displaced-previous", "lbsgd", displacement="previous", beta=0.1)
     add("fedga-warmup-cosine", "fedga", warmup_rounds=2, lr_schedule="cosine", beta_schedule="scaled",
         schedule_server=True, server_lr=0.9)
     add("scaffold-stateful", "scaffold", control="stateful")
@@ -93,6 +96,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", [*ALGOS, "gradalign-adam", "fedga-yogi", "fedga-previous", "fedga-warmup-cosine",
+                                  "fedprox-displaced", "scaffold-displaced", "lbsgd-displaced-previous",
                                   "gradalign-previous", "scaffold-stateful", "fedga-compile", "gradalign-micro", *(n + "-flat" for n in COMM),
                                   "few", "few-gradalign"])
 def test_world_size_invariance(runs, name):

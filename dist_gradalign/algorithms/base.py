@@ -40,7 +40,8 @@ class ClientState:
 
 class Algorithm:
     name = "base"
-    needs_client_grads = False  # an extra communication round to form g = sum_i w_i g_i
+    uses_g = False  # the rule itself needs g = sum_i w_i g_i and g_i (per-round SCAFFOLD's correction)
+    default_displacement = "none"  # what algorithm.displacement: null means (fedga, gradalign: fresh)
     grad_batch = "full"  # g_i on `full_grad_batch` samples, or "local": the first local minibatch
     # One local step whose round average is a gradient step, sum_i w_i y_i =
     # x - lr (sum_i w_i grad_i + lambda x): then the step's all-reduce can carry the gradient,
@@ -69,9 +70,27 @@ class Algorithm:
         return self.cfg.local_steps
 
     @property
+    def displacement(self) -> str:
+        """``algorithm.displacement``: none, fresh (y_0 = x - beta (g - g_i) with this round's g:
+        the paper's Algorithms 1 and 2) or previous (g replaced by the previous round's
+        direction d: no extra communication round). Null: the algorithm's default (``previous``
+        for fedga and gradalign when ``global_grad: previous``)."""
+        d = self.cfg.displacement
+        if d is None:
+            d = self.default_displacement
+            if d != "none" and self.cfg.global_grad == "previous":
+                d = "previous"
+        return d
+
+    @property
+    def needs_client_grads(self) -> bool:
+        """Whether clients compute g_i at x (for the rule, or for the displacement)."""
+        return self.uses_g or self.displacement != "none"
+
+    @property
     def reduces_g(self) -> bool:
         """Whether the round all-reduces g = sum_i w_i g_i (the extra communication round)."""
-        return self.needs_client_grads
+        return self.uses_g or self.displacement == "fresh"
 
     # Per-client state that persists across rounds (stateful SCAFFOLD's c_i): client i then always
     # runs on the rank that owns it, and checkpoints gather the state to rank 0.
@@ -97,20 +116,30 @@ class Algorithm:
         return 2 if self.reduces_g else 1
 
     def round_g(self, g: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The g the clients see this round: the all-reduced one (``reduces_g``), else the
-        algorithm's own (FedGA/GradAlign with ``global_grad: previous``; None in round 1)."""
-        return g
+        """The g the clients see this round: the all-reduced one (``reduces_g``), else, with
+        ``displacement: previous``, the previous round's direction d (None in round 1)."""
+        return self.direction if self.displacement == "previous" else g
 
     def client_upload(self, c: ClientState, y: torch.Tensor) -> None:
-        """Modify the iterate a client uploads, in place. Default: y_K as it is."""
+        """Modify the iterate a client uploads, in place. Default: y_K, with ``displacement:
+        previous`` its displacement undone, u_i = y_K + beta v_i (the v_i = d - g_i no longer sum
+        to zero, so they must not move x at zeroth order; with ``fresh`` they sum to zero)."""
+        if self.displacement == "previous" and self.beta and c.g is not None:
+            y.add_(c.g - c.g_i, alpha=self.beta)
 
     def after_round(self, x: torch.Tensor, avg: torch.Tensor, uploads: Optional[torch.Tensor] = None,
                     fraction: float = 1.0) -> None:
         """Called with the round's x and sum_i w_i u_i, before the server step; ``uploads`` is
-        sum_i w_i of the clients' extra uploads, ``fraction`` the round's share of all samples."""
+        sum_i w_i of the clients' extra uploads, ``fraction`` the round's share of all samples.
+        With ``displacement: previous``: the next round's d = (x - sum_i w_i u_i) / (alpha K)."""
+        if self.displacement == "previous":
+            self.direction = (x - avg).div_(self.lr * self.local_steps())
 
     def client_start(self, c: ClientState, y: torch.Tensor) -> None:
-        """Modify the starting iterate y (a copy of x) in place. Default: start at x."""
+        """Modify the starting iterate y (a copy of x) in place: the displacement (Algorithm 2,
+        lines 3-6), y_0 = x - beta (g - g_i), where ``displacement`` is not none; else y_0 = x."""
+        if self.displacement != "none" and self.beta and c.g is not None:
+            y.sub_(c.g - c.g_i, alpha=self.beta)
 
     def local_direction(self, c: ClientState, y: torch.Tensor, grad: torch.Tensor) -> None:
         """Turn the minibatch gradient at y into the step direction, in place.

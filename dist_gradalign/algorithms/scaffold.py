@@ -67,13 +67,14 @@ class Scaffold(Algorithm):
         return self.cfg.control == "stateful"
 
     @property
-    def needs_client_grads(self) -> bool:
+    def uses_g(self) -> bool:
         return not self.keeps_client_state
 
     def upload_size(self, n: int) -> int:
         return n if self.keeps_client_state else 0
 
     def client_start(self, c: ClientState, y) -> None:
+        super().client_start(c, y)  # the displacement, if any: it shares the round's g and g_i
         if not self.keeps_client_state:
             c.correction = c.g - c.g_i  # fixed for the round
             return

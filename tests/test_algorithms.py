@@ -257,17 +257,20 @@ MINIBATCH = {"lr": 0.4, "local_batch_size": 4, "full_grad_batch": 5, "weight_dec
              "server_momentum": 0.5, "beta": 0.0, "mu": 0.0, "local_steps": 1}
 
 
-def _minibatch_run(tmp_path, name, comm):
-    """A float64 run of ``name`` with minibatches of 4 and g_i subsamples of 5 on 40 samples in
-    4 dirichlet shards of at least 6: returns what ref_run needs and the trainer's W and rows."""
+def _minibatch_run(tmp_path, name, comm="bucketed", executor="auto", rule=None, **extra):
+    """A float64 run of ``name`` (with ``rule``'s settings, default its own, and ``extra``
+    algorithm keys) with minibatches of 4 and g_i subsamples of 5 on 40 samples in 4 dirichlet
+    shards of at least 6: returns what ref_run needs and the trainer's W and rows."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(7)
     X = rng.normal(size=(40, 1, 3)).astype(np.float32).astype(np.float64)
     Y = np.arange(40) % 3
     path = write_npz(tmp_path / "small.npz", X, Y, X, Y)
-    algo = {"name": name, **MINIBATCH, **ALGOS[name]}
+    algo = {"name": name, **MINIBATCH, **ALGOS[rule or name], **extra}
     cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo, seed=3,
                       partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3, "min_size": 6},
-                      train={"rounds": 3, "clients_per_round": 3, "precision": "float64", "comm": comm})
+                      train={"rounds": 3, "clients_per_round": 3, "precision": "float64", "comm": comm,
+                             "executor": executor})
     Trainer(cfg).fit()
     rows = run_dir_rows(cfg.run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3]
@@ -301,27 +304,6 @@ DISPLACED = {"fedavg-fresh": ("fedavg", "fresh"), "fedavg-previous": ("fedavg", 
              "lbsgd-previous": ("lbsgd", "previous")}
 
 
-def _displaced_run(tmp_path, name, displacement, executor, beta=0.3, rule=None, **extra):
-    """A float64 minibatch run of ``name`` (with ``rule``'s settings) with the displacement."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(7)
-    X = rng.normal(size=(40, 1, 3)).astype(np.float32).astype(np.float64)
-    Y = np.arange(40) % 3
-    path = write_npz(tmp_path / "small.npz", X, Y, X, Y)
-    algo = {"name": name, **MINIBATCH, **ALGOS[rule or name], "beta": beta, **extra}
-    if displacement:
-        algo["displacement"] = displacement
-    cfg = base_config(tmp_path, source="npz", root=str(path), model={"name": "logreg"}, algorithm=algo, seed=3,
-                      partition={"scheme": "dirichlet", "num_clients": 4, "alpha": 0.3, "min_size": 6},
-                      train={"rounds": 3, "clients_per_round": 3, "precision": "float64", "executor": executor})
-    Trainer(cfg).fit()
-    rows = run_dir_rows(cfg.run_dir)
-    shards = [np.array(v) for v in json.loads((tmp_path / "run" / "partition.json").read_text())["clients"].values()]
-    sd = load_params(cfg.run_dir)
-    W = np.hstack([sd["linear.weight"].numpy(), sd["linear.bias"].numpy()[:, None]])
-    return algo, X.reshape(40, 3), Y, shards, rows, W, cfg.seed
-
-
 @pytest.mark.parametrize("executor", ["sequential", "vectorized"])
 @pytest.mark.parametrize("combo", list(DISPLACED))
 def test_displacement_on_any_rule_matches_numpy_reference(tmp_path, combo, executor):
@@ -329,7 +311,8 @@ def test_displacement_on_any_rule_matches_numpy_reference(tmp_path, combo, execu
     displaced start), per-round scaffold (sharing the round's g and g_i with its correction) and
     lbsgd (g_i on the step's minibatch), fresh and previous, with minibatches and g_i subsamples."""
     name, displacement = DISPLACED[combo]
-    algo, X, Y, shards, rows, W, seed = _displaced_run(tmp_path, name, displacement, executor)
+    algo, X, Y, shards, rows, W, seed = _minibatch_run(tmp_path, name, executor=executor, beta=0.3,
+                                                       displacement=displacement)
     clients = [r["clients"] for r in rows]
     W_ref, var_ref = ref_run(algo, X, Y, 3, shards, clients, seed=seed)
     np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
@@ -344,8 +327,8 @@ def test_displacement_on_any_rule_matches_numpy_reference(tmp_path, combo, execu
 @pytest.mark.parametrize("rule, named", [("fedavg", "fedga"), ("lbsgd", "gradalign")])
 @pytest.mark.parametrize("displacement", ["fresh", "previous"])
 def test_fedga_and_gradalign_are_their_rules_with_the_displacement_bitwise(tmp_path, rule, named, displacement):
-    a = _displaced_run(tmp_path / "rule", rule, displacement, "sequential")[-2]
-    b = _displaced_run(tmp_path / "named", named, None, "sequential", rule=rule, global_grad=displacement)[-2]
+    a = _minibatch_run(tmp_path / "rule", rule, beta=0.3, displacement=displacement)[-2]
+    b = _minibatch_run(tmp_path / "named", named, rule=rule, beta=0.3, global_grad=displacement)[-2]
     assert np.array_equal(a, b)
 
 

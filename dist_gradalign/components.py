@@ -48,6 +48,7 @@ BUILTINS: dict[str, dict[str, str]] = {
                        "fedavg": "dist_gradalign.algorithms.fedavg:FedAvg",
                        "fedprox": "dist_gradalign.algorithms.fedprox:FedProx",
                        "scaffold": "dist_gradalign.algorithms.scaffold:Scaffold",
+                       "feddyn": "dist_gradalign.algorithms.feddyn:FedDyn",
                        "fedga": "dist_gradalign.algorithms.fedga:FedGA",
                        "gradalign": "dist_gradalign.algorithms.gradalign:GradAlign"},
 }

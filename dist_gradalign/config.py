@@ -25,7 +25,7 @@ STREAMING_SOURCES = ("imagefolder", "npy")  # built-in sources that data.storage
 SCHEMES = ("iid", "shards", "percentage_iid", "dirichlet", "by_key")
 MODELS = ("cnn_emnist", "cnn_cifar", "resnet18", "mlp", "logreg")
 LOSSES = ("cross_entropy",)
-ALGORITHMS = ("lbsgd", "fedavg", "fedprox", "scaffold", "fedga", "gradalign")
+ALGORITHMS = ("lbsgd", "fedavg", "fedprox", "scaffold", "feddyn", "fedga", "gradalign")
 IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -96,6 +96,7 @@ class AlgorithmConfig:
     full_grad_batch: Union[int, Literal["full"]] = _opt("full", ge=1)
     beta: float = _opt(0.0, ge=0.0)
     mu: float = _opt(0.0, ge=0.0)
+    feddyn_alpha: float = _opt(0.01, gt=0.0)  # feddyn: the dynamic regularizer's alpha (Acar et al. 2021)
     weight_decay: float = _opt(0.0, ge=0.0)
     server_lr: float = _opt(1.0, gt=0.0)
     server_momentum: float = _opt(0.0, ge=0.0, lt=1.0)  # sgd: heavy ball (FedAvgM); adaptive: beta_1

@@ -72,6 +72,7 @@ def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_
     one_step = a["name"] in ("lbsgd", "gradalign")
     direction = None  # global_grad = previous: the previous round's d
     stateful = a.get("control", "per_round") == "stateful"
+    dyn, h, h_client = a["name"] == "feddyn", np.zeros_like(W), {}  # FedDyn: the server's h and each h_i
     c_server, c_client = np.zeros_like(W), {}  # stateful SCAFFOLD: c and c_i (absent = 0)
     total = sum(len(s) for s in shards)
     for rnd, clients in enumerate(rounds_clients, start=1):
@@ -100,6 +101,8 @@ def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_
                     d += a["mu"] * (y - W)
                 if a["name"] == "scaffold":
                     d += c_server - c_client.get(c, 0.0) if stateful else g - gii
+                if dyn:  # grad of f_i(y) - <h_i, y> + alpha/2 ||y - x||^2
+                    d += -h_client.get(c, 0.0) + a["feddyn_alpha"] * (y - W)
                 y = y - a["lr"] * d
             if previous and vi is not None:
                 y = y + a["beta"] * vi  # u_i: the displacement undone
@@ -107,12 +110,17 @@ def ref_run(a, X, Y, C, shards, rounds_clients, seed=0, grad_positions=ref_grad_
                 new = c_client.get(c, 0.0) - c_server + (W - y) / (K * a["lr"])
                 c_change += len(shards[c]) / total * (new - c_client.get(c, 0.0))
                 c_client[c] = new
+            if dyn:
+                h_client[c] = h_client.get(c, 0.0) - a["feddyn_alpha"] * (y - W)
             avg += wi * y
         c_server = c_server + c_change
         if previous:
             direction = (W - avg) / (a["lr"] * K)
             if one_step:
                 direction = direction - a["weight_decay"] * W
+        if dyn:  # h <- h - alpha sum_S p_i (y_i - x); the server's target is avg - h / alpha
+            h = h - a["feddyn_alpha"] * (sizes.sum() / total) * (avg - W)
+            avg = avg - h / a["feddyn_alpha"]
         opt, b1 = a.get("server_opt", "sgd"), a["server_momentum"]
         if opt == "sgd":
             mom = b1 * mom + (W - avg)
@@ -153,6 +161,7 @@ def _fit_tiny(tmp_path, algo, rounds, clients_per_round, **train):
 
 ALGOS = {
     "lbsgd": {},
+    "feddyn": {"local_steps": 3, "feddyn_alpha": 0.5},
     "fedavg": {"local_steps": 3},
     "fedprox": {"local_steps": 3, "mu": 0.5},
     "scaffold": {"local_steps": 3},
@@ -208,6 +217,26 @@ def test_stateful_scaffold_matches_numpy_reference(tmp_path, executor):
     c_sum = sum(p[c] * rows[c] for c in rows)
     torch.testing.assert_close(t.algo.control.cpu(), c_sum, rtol=1e-10, atol=1e-12)
     assert sorted(rows) == sorted(set(seen))
+
+
+@pytest.mark.parametrize("executor", ["sequential", "vectorized"])
+def test_feddyn_matches_numpy_reference_with_revisited_clients(tmp_path, executor):
+    """FedDyn (Acar et al. 2021, partial participation, sample weights) over 6 rounds of 2 of 4
+    unequal clients, so clients come back with their h_i; one communication round of the
+    model's size (the server's h needs only the average); h = -alpha sum_t fraction_t (avg_t - x_t)."""
+    algo = {"name": "feddyn", "lr": 0.4, "local_batch_size": 2, "full_grad_batch": "full", "weight_decay": 0.01,
+            "server_lr": 1.0, "server_momentum": 0.0, "beta": 0.0, "mu": 0.0, "local_steps": 3, "feddyn_alpha": 0.5}
+    t, rows, shards, clients, W = _fit_tiny(tmp_path, algo, 6, 2, executor=executor)
+    _, X, Y = _tiny(tmp_path)
+    seen = [c for r in clients for c in r]
+    assert len(seen) > len(set(seen)) and len({len(s) for s in shards}) > 1
+    W_ref, _ = ref_run(algo, X, Y, 3, shards, clients)
+    np.testing.assert_allclose(W, W_ref, rtol=1e-10, atol=1e-12)
+    fedavg = ref_run({**algo, "name": "fedavg"}, X, Y, 3, shards, clients)[0]
+    assert np.abs(W - fedavg).max() > 1e-6, "FedDyn must differ from FedAvg on this problem"
+    n = W.size
+    assert [r["bytes"] for r in rows] == [8 * (n + 4) * k for k in range(1, 7)]
+    assert sorted(t.algo.client_state()) == sorted(set(seen))
 
 
 @pytest.mark.parametrize("opt", ["adam", "yogi", "adagrad"])
@@ -301,7 +330,7 @@ def test_minibatch_run_matches_numpy_reference(tmp_path, name, comm):
 DISPLACED = {"fedavg-fresh": ("fedavg", "fresh"), "fedavg-previous": ("fedavg", "previous"),
              "fedprox-fresh": ("fedprox", "fresh"), "fedprox-previous": ("fedprox", "previous"),
              "scaffold-fresh": ("scaffold", "fresh"), "lbsgd-fresh": ("lbsgd", "fresh"),
-             "lbsgd-previous": ("lbsgd", "previous")}
+             "lbsgd-previous": ("lbsgd", "previous"), "feddyn-fresh": ("feddyn", "fresh")}
 
 
 @pytest.mark.parametrize("executor", ["sequential", "vectorized"])
@@ -495,7 +524,7 @@ def test_previous_global_grad_approaches_fresh_as_steps_shrink(tmp_path, name):
 
 
 def test_client_rows_are_written_in_place_in_blocks():
-    from dist_gradalign.algorithms.scaffold import ClientRows
+    from dist_gradalign.algorithms.base import ClientRows
     rows = ClientRows(block=2)
     assert rows.get(5) is None and len(rows) == 0
     for cid in (7, 3, 9):

@@ -64,10 +64,12 @@ def _configs(root, world):
     add("fedga-warmup-cosine", "fedga", warmup_rounds=2, lr_schedule="cosine", beta_schedule="scaled",
         schedule_server=True, server_lr=0.9)
     add("scaffold-stateful", "scaffold", control="stateful")
-    if world in (2, 4):  # stateful SCAFFOLD started on 2 ranks, resumed on 4: the c_i move to their new owners
-        cfg = from_dict({**out[-1], "run_dir": str(root / "moved" / "run")})
-        cfg.train.rounds = 2 if world == 2 else 4
-        out.append(cfg.to_dict())
+    if world in (2, 4):  # per-client state started on 2 ranks, resumed on 4: it moves to the new owners
+        for name in ("scaffold-stateful", "feddyn"):
+            src = next(d for d in out if d["run_dir"] == str(root / f"w{world}" / name / "run"))
+            cfg = from_dict({**src, "run_dir": str(root / "moved" / name / "run")})
+            cfg.train.rounds = 2 if world == 2 else 4
+            out.append(cfg.to_dict())
     add("fedga-compile", "fedga", {"compile": True})
     for name, train in COMM.items():
         add(name + "-flat", name.split("-")[0], {**train, "comm": "flat"})
@@ -119,16 +121,17 @@ def test_world_size_invariance(runs, name):
                 assert b["diag_grad_variance"] == pytest.approx(a["diag_grad_variance"], rel=1e-4)
 
 
-def test_stateful_scaffold_resumes_on_another_world_size(runs):
-    """Checkpointed after round 2 on 2 ranks (rank 0 gathers every c_i), resumed to round 4 on
-    4 ranks (each takes the c_i of the clients it now owns): the run of one rank throughout."""
-    ref = load_params(runs / "w1" / "scaffold-stateful" / "run")
-    params = load_params(runs / "moved" / "run")
+@pytest.mark.parametrize("name", ["scaffold-stateful", "feddyn"])
+def test_per_client_state_resumes_on_another_world_size(runs, name):
+    """Checkpointed after round 2 on 2 ranks (rank 0 gathers every c_i or h_i), resumed to round
+    4 on 4 ranks (each takes the rows of the clients it now owns): the run of one rank throughout."""
+    ref = load_params(runs / "w1" / name / "run")
+    params = load_params(runs / "moved" / name / "run")
     for key in ref:
         torch.testing.assert_close(params[key], ref[key], rtol=0, atol=1e-5, msg=key)
-    rows = run_dir_rows(runs / "moved" / "run")
+    rows = run_dir_rows(runs / "moved" / name / "run")
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
-    assert [r["clients"] for r in rows] == [r["clients"] for r in run_dir_rows(runs / "w1" / "scaffold-stateful" / "run")]
+    assert [r["clients"] for r in rows] == [r["clients"] for r in run_dir_rows(runs / "w1" / name / "run")]
 
 
 @pytest.mark.parametrize("name", list(COMM))

@@ -21,6 +21,7 @@ ALGOS = {
     "fedavg": {"server_momentum": 0.5, "server_lr": 0.8},
     "fedprox": {"mu": 0.1},
     "scaffold": {},
+    "feddyn": {"feddyn_alpha": 0.1},
     "fedga": {"beta": 0.1},
     "gradalign": {"local_steps": 1, "beta": 0.1},
 }

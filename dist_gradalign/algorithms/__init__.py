@@ -1,20 +1,14 @@
-"""One small file per algorithm over the shared base (DESIGN.md section 1)."""
+"""One small file per algorithm over the shared base (DESIGN.md section 1); built-ins and a
+user's algorithms are found the same way (``dist_gradalign.components.BUILTINS``)."""
 from ..config import AlgorithmConfig
 from .base import Algorithm, ClientState
-from .fedavg import FedAvg
-from .fedga import FedGA
-from .fedprox import FedProx
-from .gradalign import GradAlign
-from .lbsgd import LBSGD
-from .scaffold import Scaffold
-
-REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (LBSGD, FedAvg, FedProx, Scaffold, FedGA, GradAlign)
-}
 
 
 def build_algorithm(cfg: AlgorithmConfig) -> Algorithm:
-    return REGISTRY[cfg.name](cfg)
+    """The algorithm ``cfg.name`` names (built-in or an import path), built from ``cfg``."""
+    from ..components import load
+
+    return load("algorithm.name", cfg.name)(cfg, **cfg.kwargs)
 
 
-__all__ = ["Algorithm", "ClientState", "REGISTRY", "build_algorithm"]
+__all__ = ["Algorithm", "ClientState", "build_algorithm"]

@@ -38,6 +38,34 @@ class ClientState:
     control: Optional[torch.Tensor] = None  # stateful SCAFFOLD's c_i
 
 
+class ClientRows:
+    """Per-client vectors (stateful SCAFFOLD's c_i) on the host, in blocks of ``block`` rows
+    allocated once: a client's row is written in place each round. (One allocation per vector,
+    interleaved with the round's transients of the same size, fragmented the heap to twice the
+    table's size.) An absent client's row is 0."""
+
+    def __init__(self, block: int = 64):
+        self.block, self.blocks, self.slots = block, [], {}
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def get(self, cid: int) -> Optional[torch.Tensor]:
+        slot = self.slots.get(cid)
+        return None if slot is None else self.blocks[slot // self.block][slot % self.block]
+
+    def set(self, cid: int, row: torch.Tensor) -> None:
+        if cid not in self.slots:
+            if len(self.slots) == len(self.blocks) * self.block:
+                self.blocks.append(torch.empty(self.block, row.numel(), dtype=row.dtype))
+            self.slots[cid] = len(self.slots)
+        self.get(cid).copy_(row)
+
+    def items(self) -> list[tuple[int, torch.Tensor]]:
+        """(client, row) in client order; the rows are views into the blocks."""
+        return [(cid, self.get(cid)) for cid in sorted(self.slots)]
+
+
 class Algorithm:
     name = "base"
     uses_g = False  # the rule itself needs g = sum_i w_i g_i and g_i (per-round SCAFFOLD's correction)
@@ -55,6 +83,7 @@ class Algorithm:
         self.server_m: Optional[torch.Tensor] = None  # m of the server optimizer
         self.server_v: Optional[torch.Tensor] = None  # v of the adaptive server optimizers
         self.direction: Optional[torch.Tensor] = None  # d of global_grad: previous
+        self.client_rows = ClientRows()  # per-client state of this rank's clients (keeps_client_state)
 
     def set_round(self, rnd: int, rounds: int) -> None:
         """This round's lr (and beta, server_lr where scheduled): the schedule's factor s(rnd)
@@ -107,10 +136,13 @@ class Algorithm:
 
     def client_state(self) -> dict:
         """This rank's per-client state, {client id: tensor} (for checkpoints)."""
-        return {}
+        return dict(self.client_rows.items())
 
     def load_client_state(self, rows: dict) -> None:
         """Restore this rank's per-client state from a checkpoint's rows for its clients."""
+        self.client_rows = ClientRows()
+        for cid, row in sorted(rows.items()):
+            self.client_rows.set(int(cid), row)
 
     def comm_rounds(self) -> int:
         return 2 if self.reduces_g else 1
@@ -154,16 +186,22 @@ class Algorithm:
             grad_sum.add_(x, alpha=self.cfg.weight_decay)
         return grad_sum.mul_(-self.lr).add_(x)
 
+    extra_state: tuple = ()  # names of a subclass's own server tensors carried across rounds
+
     def state_dict(self) -> dict:
         """The server state carried across rounds (for checkpoints)."""
-        return {k: None if t is None else t.detach().cpu()
-                for k, t in (("momentum", self.server_m), ("second", self.server_v), ("direction", self.direction))}
+        pairs = [("momentum", self.server_m), ("second", self.server_v), ("direction", self.direction)]
+        pairs += [(k, getattr(self, k)) for k in self.extra_state]
+        return {k: None if t is None else t.detach().cpu() for k, t in pairs}
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         m, v, d = state["momentum"], state.get("second"), state.get("direction")
         self.server_m = None if m is None else m.to(device)
         self.server_v = None if v is None else v.to(device)
         self.direction = None if d is None else d.to(device)
+        for k in self.extra_state:
+            t = state.get(k)
+            setattr(self, k, None if t is None else t.to(device))
 
     @torch.no_grad()
     def server_step(self, x: torch.Tensor, avg: torch.Tensor) -> None:

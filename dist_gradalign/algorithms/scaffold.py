@@ -26,41 +26,13 @@ import torch
 from .base import Algorithm, ClientState
 
 
-class ClientRows:
-    """Per-client vectors (stateful SCAFFOLD's c_i) on the host, in blocks of ``block`` rows
-    allocated once: a client's row is written in place each round. (One allocation per vector,
-    interleaved with the round's transients of the same size, fragmented the heap to twice the
-    table's size.) An absent client's row is 0."""
-
-    def __init__(self, block: int = 64):
-        self.block, self.blocks, self.slots = block, [], {}
-
-    def __len__(self) -> int:
-        return len(self.slots)
-
-    def get(self, cid: int) -> Optional[torch.Tensor]:
-        slot = self.slots.get(cid)
-        return None if slot is None else self.blocks[slot // self.block][slot % self.block]
-
-    def set(self, cid: int, row: torch.Tensor) -> None:
-        if cid not in self.slots:
-            if len(self.slots) == len(self.blocks) * self.block:
-                self.blocks.append(torch.empty(self.block, row.numel(), dtype=row.dtype))
-            self.slots[cid] = len(self.slots)
-        self.get(cid).copy_(row)
-
-    def items(self) -> list[tuple[int, torch.Tensor]]:
-        """(client, row) in client order; the rows are views into the blocks."""
-        return [(cid, self.get(cid)) for cid in sorted(self.slots)]
-
-
 class Scaffold(Algorithm):
     name = "scaffold"
+    extra_state = ("control",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.control: Optional[torch.Tensor] = None  # stateful: the server's c (None = 0)
-        self.client_controls = ClientRows()  # stateful: c_i of this rank's clients, on the host
+        self.control: Optional[torch.Tensor] = None  # stateful: the server's c (None = 0); c_i: client_rows
 
     @property
     def keeps_client_state(self) -> bool:
@@ -79,7 +51,7 @@ class Scaffold(Algorithm):
             c.correction = c.g - c.g_i  # fixed for the round
             return
         cids = c.cid if isinstance(c.cid, tuple) else (c.cid,)
-        rows = [self.client_controls.get(i) for i in cids]
+        rows = [self.client_rows.get(i) for i in cids]
         zero = torch.zeros(y.shape[-1], dtype=y.dtype)
         c_i = torch.stack([zero if r is None else r for r in rows]).to(y.device)
         c.control = c_i if isinstance(c.cid, tuple) else c_i[0]
@@ -98,7 +70,7 @@ class Scaffold(Algorithm):
             change.sub_(self.control)
         new = c.control + change
         for i, row in zip(c.cid, new) if isinstance(c.cid, tuple) else [(c.cid, new)]:
-            self.client_controls.set(i, row)
+            self.client_rows.set(i, row)
         return change
 
     def after_round(self, x, avg, uploads=None, fraction=1.0) -> None:
@@ -108,21 +80,3 @@ class Scaffold(Algorithm):
             if self.control is None:
                 self.control = torch.zeros_like(x)
             self.control.add_(uploads, alpha=fraction)
-
-    def state_dict(self) -> dict:
-        out = super().state_dict()
-        out["control"] = None if self.control is None else self.control.detach().cpu()
-        return out
-
-    def load_state_dict(self, state: dict, device: torch.device) -> None:
-        super().load_state_dict(state, device)
-        c = state.get("control")
-        self.control = None if c is None else c.to(device)
-
-    def client_state(self) -> dict[int, torch.Tensor]:
-        return dict(self.client_controls.items())
-
-    def load_client_state(self, rows: dict[int, torch.Tensor]) -> None:
-        self.client_controls = ClientRows()
-        for cid, row in sorted(rows.items()):
-            self.client_controls.set(int(cid), row)

@@ -22,7 +22,7 @@ BAD = [
     (["algorithm.local_batch_size=all"], ["algorithm.local_batch_size = 'all'", "an integer or 'full'"]),
     (["algorithm.local_batch_size=0"], ["algorithm.local_batch_size = 0", ">= 1"]),
     (["algorithm.full_grad_batch=-3"], ["algorithm.full_grad_batch = -3", ">= 1"]),
-    (["algorithm.name=sgd"], ["algorithm.name = 'sgd'", "lbsgd, fedavg, fedprox, scaffold, fedga, gradalign"]),
+    (["algorithm.name=sgd"], ["algorithm.name = 'sgd'", "lbsgd, fedavg, fedprox, scaffold, feddyn, fedga, gradalign"]),
     (["algorithm.server_momentum=1.0"], ["algorithm.server_momentum = 1.0", "< 1.0"]),
     (["algorithm.global_grad=previous"], ["algorithm.global_grad = 'previous'", "algorithm.name = 'fedavg'",
                                           "fedga and gradalign"]),

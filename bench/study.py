@@ -176,9 +176,28 @@ FED_EXT = [Method("fedga-previous", "fedga", ("lr", "beta"), overrides=("algorit
            Method("fedavg-adam", "fedavg", ("server_lr",), (("server_lr", 0.01),), (*ADAM, "algorithm.lr=0.1")),
            Method("fedga-adam", "fedga", ("server_lr",), (("server_lr", 0.01),),
                   (*ADAM, "algorithm.lr=0.05", "algorithm.beta=0.05"))]
+# Issue 27: the displacement on other rules, FedDyn, FedAvgM. A displaced variant ("-ga") is tuned
+# in (lr, beta) from FedGA's chosen point here (lr 0.05, beta 0.05), its other parameters at the
+# base rule's choice (FedProx's mu 0.01); FedDyn in (lr, alpha) from FedAvg's lr and Acar et al.'s
+# alpha 0.01; FedAvgM (Hsu et al. 2019: server momentum 0.9) in the server lr, its client step at
+# FedAvg's (FedGA's for the displaced one), as fedavg-adam above.
+FEDGA_POINT = (("lr", 0.05), ("beta", 0.05))
+MOMENTUM = ("algorithm.server_momentum=0.9",)
+FED_COMBOS = [Method("fedprox-ga", "fedprox", ("lr", "beta"), FEDGA_POINT,
+                     ("algorithm.mu=0.01", "algorithm.displacement=fresh")),
+              Method("feddyn", "feddyn", ("lr", "feddyn_alpha"), (("lr", 0.1), ("feddyn_alpha", 0.01))),
+              Method("fedavgm", "fedavg", ("server_lr",), (("server_lr", 0.5),), (*MOMENTUM, "algorithm.lr=0.1")),
+              Method("fedavgm-ga", "fedga", ("server_lr",), (("server_lr", 0.5),),
+                     (*MOMENTUM, "algorithm.lr=0.05", "algorithm.beta=0.05"))]
 FED_PAIRS = (("fedga-previous", "fedga", 0.5), ("fedga-previous", "fedga", 1.0),
              ("scaffold-stateful", "scaffold", 0.5), ("scaffold-stateful", "scaffold", 1.0),
-             ("fedavg-adam", "fedavg", 1.0), ("fedga-adam", "fedga", 1.0))
+             ("fedavg-adam", "fedavg", 1.0), ("fedga-adam", "fedga", 1.0),
+             # issue 27; at equal communication the one-round rule is first (the two-round one
+             # read at half its rounds)
+             ("fedprox-ga", "fedprox", 1.0), ("fedprox", "fedprox-ga", 0.5),
+             ("feddyn", "fedavg", 1.0), ("feddyn", "scaffold", 1.0), ("feddyn", "scaffold", 0.5),
+             ("feddyn", "fedga", 0.5),
+             ("fedavgm-ga", "fedavgm", 1.0), ("fedavgm", "fedavgm-ga", 0.5))
 
 
 DC = [Method("lbsgd", "lbsgd", base=(("lr", 0.2),)),
@@ -189,6 +208,19 @@ DC_EXT = [Method("gradalign-previous", "gradalign", ("lr", "beta"), (("lr", 0.2)
                  ("algorithm.global_grad=previous",)),
           Method("lbsgd-momentum", "lbsgd", base=(("lr", 0.02),), overrides=("algorithm.server_momentum=0.9",)),
           Method("lbsgd-adam", "lbsgd", ("server_lr",), (("server_lr", 0.01),), (*ADAM, "algorithm.lr=0.2"))]
+# Issue 27, part 5: the large-batch regime (Goyal et al. 2017): linear warmup over 5% of the
+# updates, then cosine decay to zero, on SGD (its batch and twice it) and on GradAlign, whose beta
+# follows the step (beta_schedule: scaled), as SGD's implicit regularizer does (its coefficient is
+# proportional to the step); each tuned from its constant-step choice.
+SCHED = ("algorithm.lr_schedule=cosine", "algorithm.warmup_rounds=30")
+DC_SCHED = [Method("lbsgd-sched", "lbsgd", base=(("lr", 0.2),), overrides=SCHED),
+            Method("lbsgd-2x-batch-sched", "lbsgd", base=(("lr", 0.4),),
+                   overrides=(*SCHED, "algorithm.local_batch_size=128")),
+            Method("gradalign-sched", "gradalign", ("lr", "beta"), (("lr", 0.4), ("beta", 0.025)),
+                   (*SCHED, "algorithm.beta_schedule=scaled"))]
+DC_PAIRS = (("gradalign-previous", "gradalign", 1.0), ("gradalign-sched", "lbsgd-sched", 1.0),
+            ("gradalign-sched", "lbsgd-2x-batch-sched", 1.0), ("lbsgd-sched", "lbsgd", 1.0),
+            ("gradalign-sched", "gradalign", 1.0))
 
 def _dc_at_500(scaffold: tuple[str, ...] = ()) -> list[Method]:
     """The datacenter methods at 500 samples per worker (lbsgd-2x-batch at 1,000), with
@@ -198,16 +230,16 @@ def _dc_at_500(scaffold: tuple[str, ...] = ()) -> list[Method]:
 
 
 SETTINGS = {s.name: s for s in [
-    _emnist("het", 60, 1000, FED_EXT, FED_PAIRS), _emnist("iid", 60, 300), _emnist("het", "full", 1000), _emnist("iid", "full", 300),
+    _emnist("het", 60, 1000, [*FED_EXT, *FED_COMBOS], FED_PAIRS), _emnist("iid", 60, 300), _emnist("het", "full", 1000), _emnist("iid", "full", 300),
     Setting("emnist-dc", "EMNIST-47 datacenter: 10 workers, one IID shard each, all in every update, "
             "10 x 64 samples per update (Figure 2, bottom, on the CPU)", "configs/offline/emnist-iid-fedavg.yaml",
             ["model.name=mlp", PINNED_EXECUTOR, "data.val_fraction=0.1", "partition.num_clients=10", "train.clients_per_round=10",
              "algorithm.local_steps=1", "algorithm.local_batch_size=64", "algorithm.full_grad_batch=full",
              "train.eval_every=20", "train.diagnostics_every=20", "train.checkpoint_every=100"],
-            [*DC, *DC_EXT], "lbsgd", 600, 1 / 47,
+            [*DC, *DC_EXT, *DC_SCHED], "lbsgd", 600, 1 / 47,
             note="mlp (784-200-200-47); scaffold with K = 1 takes g_i on the whole shard; "
                  "lbsgd-2x-batch spends GradAlign's two gradient evaluations per update on one twice-larger batch",
-            pairs=(("gradalign-previous", "gradalign", 1.0),), compute_baseline="lbsgd-2x-batch"),
+            pairs=DC_PAIRS, compute_baseline="lbsgd-2x-batch"),
     Setting("cifar10-fed", "CIFAR-10, cnn_cifar, 10 IID clients, all sampled, K = 20, batch 100 (Figure 2, top)",
             "configs/offline/cifar10-iid-fedavg.yaml", [*CIFAR, "algorithm.local_steps=20",
                                                         "algorithm.local_batch_size=100"],

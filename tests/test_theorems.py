@@ -179,3 +179,30 @@ def test_scaffold_with_one_local_step_and_every_client_is_large_batch_sgd(traine
         xs[name] = trainer.x.clone()
     assert float((xs["lbsgd"] - x0).norm()) > 0.1
     assert torch.allclose(xs["scaffold"], xs["lbsgd"], rtol=0, atol=1e-12), (xs["scaffold"] - xs["lbsgd"]).abs().max()
+
+
+# The displacement on other rules (docs/algorithms.md, "What the displacement adds to each rule"):
+# to first order in beta the mean update gains -alpha beta S grad r(x), S = sum_{k<K} (1 - alpha
+# gamma)^k, where gamma is the slope of the rule's pull towards x (FedProx's mu, FedDyn's alpha),
+# times the server's linear map of the mean update (server_lr; FedDyn's first round: 1 + the
+# round's share of the samples, here 1 + 1).
+@pytest.mark.parametrize("rule, extra, gamma, server", [
+    ("fedprox", {"mu": 0.5}, 0.5, 1.0),
+    ("scaffold", {}, 0.0, 1.0),
+    ("feddyn", {"feddyn_alpha": 0.5}, 0.5, 2.0),
+    ("fedavg", {"server_lr": 0.5, "server_momentum": 0.9}, 0.0, 0.5),
+])
+def test_the_displacement_adds_alpha_beta_S_grad_r_to_any_rule(trainer, rule, extra, gamma, server):
+    x0 = trainer.x.clone()
+    gr = grad_r(trainer, x0)
+    errs, errs_k = [], []
+    for alpha, beta in ((0.2, 0.4), (0.1, 0.2), (0.05, 0.1), (0.025, 0.05)):
+        x_d = one_round(trainer, x0, name=rule, lr=alpha, beta=beta, local_steps=K, displacement="fresh", **extra)
+        x_0 = one_round(trainer, x0, name=rule, lr=alpha, local_steps=K, **extra)
+        s = sum((1 - alpha * gamma) ** k for k in range(K))
+        errs.append(rel_err(x_d - x_0, -server * alpha * beta * s * gr))
+        errs_k.append(rel_err(x_d - x_0, -server * alpha * beta * K * gr))
+    print(rule, "with S:", [f"{e:.2e}" for e in errs], "with K:", [f"{e:.2e}" for e in errs_k])
+    assert_linear(errs)
+    if gamma:  # the pull's decay of the displacement is the leading correction
+        assert all(e < ek for e, ek in zip(errs, errs_k)), (errs, errs_k)

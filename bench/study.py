@@ -178,7 +178,7 @@ FED_EXT = [Method("fedga-previous", "fedga", ("lr", "beta"), overrides=("algorit
                   (*ADAM, "algorithm.lr=0.05", "algorithm.beta=0.05"))]
 # Issue 27: the displacement on other rules, FedDyn, FedAvgM. A displaced variant ("-ga") is tuned
 # in (lr, beta) from FedGA's chosen point here (lr 0.05, beta 0.05), its other parameters at the
-# base rule's choice (FedProx's mu 0.01); FedDyn in (lr, alpha) from FedAvg's lr and Acar et al.'s
+# base rule's choice (FedProx's mu 0.01) or, for FedDyn, at Acar et al.'s alpha 0.01; FedDyn in (lr, alpha) from FedAvg's lr and Acar et al.'s
 # alpha 0.01; FedAvgM (Hsu et al. 2019: server momentum 0.9) in the server lr, its client step at
 # FedAvg's (FedGA's for the displaced one), as fedavg-adam above.
 FEDGA_POINT = (("lr", 0.05), ("beta", 0.05))
@@ -186,6 +186,8 @@ MOMENTUM = ("algorithm.server_momentum=0.9",)
 FED_COMBOS = [Method("fedprox-ga", "fedprox", ("lr", "beta"), FEDGA_POINT,
                      ("algorithm.mu=0.01", "algorithm.displacement=fresh")),
               Method("feddyn", "feddyn", ("lr", "feddyn_alpha"), (("lr", 0.1), ("feddyn_alpha", 0.01))),
+              Method("feddyn-ga", "feddyn", ("lr", "beta"), FEDGA_POINT,
+                     ("algorithm.feddyn_alpha=0.01", "algorithm.displacement=fresh")),
               Method("fedavgm", "fedavg", ("server_lr",), (("server_lr", 0.5),), (*MOMENTUM, "algorithm.lr=0.1")),
               Method("fedavgm-ga", "fedga", ("server_lr",), (("server_lr", 0.5),),
                      (*MOMENTUM, "algorithm.lr=0.05", "algorithm.beta=0.05"))]
@@ -196,7 +198,7 @@ FED_PAIRS = (("fedga-previous", "fedga", 0.5), ("fedga-previous", "fedga", 1.0),
              # read at half its rounds)
              ("fedprox-ga", "fedprox", 1.0), ("fedprox", "fedprox-ga", 0.5),
              ("feddyn", "fedavg", 1.0), ("feddyn", "scaffold", 1.0), ("feddyn", "scaffold", 0.5),
-             ("feddyn", "fedga", 0.5),
+             ("feddyn", "fedga", 0.5), ("feddyn-ga", "feddyn", 1.0), ("feddyn", "feddyn-ga", 0.5),
              ("fedavgm-ga", "fedavgm", 1.0), ("fedavgm", "fedavgm-ga", 0.5))
 
 

@@ -140,9 +140,9 @@ def test_rank_failure_under_torchrun_resumes_exactly(tmp_path, reference_run, sc
     fault_scenarios.assert_same_run(reference_run, tmp_path / scenario)
 
 
-def _stop_at_3_then_resume(tmp_path, name: str, algorithm: dict, state_key: str) -> None:
+def _stop_at_3_then_resume(tmp_path, name: str, algorithm: dict, state_key: str | None) -> None:
     """A run stopped after round 3 and resumed equals the whole run, and the algorithm state
-    ``state_key`` is in the checkpoint."""
+    ``state_key`` (if any) is in the checkpoint."""
     def cfg(root):
         c = _cfg(root, name)
         for key, value in algorithm.items():
@@ -154,7 +154,8 @@ def _stop_at_3_then_resume(tmp_path, name: str, algorithm: dict, state_key: str)
     with pytest.raises(Preempted):
         stop_after(Trainer(part), 3).fit()
     state = torch.load(checkpoint.list_checkpoints(Path(part.run_dir) / "checkpoints")[-1], weights_only=True)
-    assert state["algorithm"][state_key] is not None and state["algorithm"][state_key].abs().sum() > 0
+    if state_key is not None:
+        assert state["algorithm"][state_key] is not None and state["algorithm"][state_key].abs().sum() > 0
     Trainer(part).fit()
     fault_scenarios.assert_same_run(whole.run_dir, part.run_dir)
 
@@ -168,6 +169,15 @@ def test_adaptive_server_state_resumes_bit_identical(tmp_path, opt):
 @pytest.mark.parametrize("name", ["fedga", "gradalign"])
 def test_previous_direction_resumes_bit_identical(tmp_path, name):
     _stop_at_3_then_resume(tmp_path, name, {"global_grad": "previous"}, "direction")
+
+
+@pytest.mark.parametrize("name, displacement, state_key", [
+    ("fedprox", "fresh", None), ("scaffold", "fresh", None), ("feddyn", "fresh", None),
+    ("fedprox", "previous", "direction"), ("feddyn", "previous", "direction")])
+def test_the_displacement_on_other_rules_resumes_bit_identical(tmp_path, name, displacement, state_key):
+    """Issue 27: every rule with ``algorithm.displacement`` stops and resumes bit-identically
+    (with ``previous``, the stored direction is in the checkpoint)."""
+    _stop_at_3_then_resume(tmp_path, name, {"displacement": displacement, "beta": 0.1}, state_key)
 
 
 def test_stateful_scaffold_resumes_bit_identical(tmp_path):

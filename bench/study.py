@@ -67,7 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dist_gradalign.config import load_config  # noqa: E402
-from dist_gradalign.report import Group, Run, flatten, plot_grad_variance, plot_metric  # noqa: E402
+from dist_gradalign.report import Group, Run, flatten, plot_grad_variance, plot_grad_variance_pairs, plot_metric  # noqa: E402
 
 RUNS = REPO / "runs" / "study"
 RESULTS = REPO / "bench" / "results"
@@ -1012,6 +1012,13 @@ def plots(setting: Setting, results: dict, chosen: dict, out: Path) -> list[str]
         paths.append(str(path))
     if plot_grad_variance(groups, out / "grad_variance.png", GRAD_VARIANCE):
         paths.append(str(out / "grad_variance.png"))
+    by_label = {g.label: g for g in groups}
+    pairs = list({frozenset((a, b)): (a, b) for a, b, _ in reversed(setting.pairs)
+                  if a in by_label and b in by_label}.values())[::-1]  # one panel per pair, first orientation
+    if len(pairs) > 1 and plot_grad_variance_pairs([(by_label[a], by_label[b]) for a, b in pairs],
+                                                   out / "grad_variance_pairs.png", GRAD_VARIANCE,
+                                                   "r(x) of each compared pair, each at its chosen point"):
+        paths.append(str(out / "grad_variance_pairs.png"))
     lr, common = common_lr_runs(setting, chosen)
     same = [Group(f"{label} (lr {lr:g})", flatten(runs[0]["config"]),
                   [Run(Path(r["name"]), flatten(r["config"]), r["rows"]) for r in runs], label)

@@ -364,32 +364,72 @@ def _plain_log_formatter(**kwargs):
     return PlainLogFormatter(**kwargs)
 
 
-def plot_grad_variance(groups: list[Group], path: Path, key: str = "grad_variance", title: str | None = None) -> bool:
-    """``key`` (``grad_variance`` or the diagnostic ``diag_grad_variance``) against round, log y;
-    False (nothing written) if no group logs it. Colors follow the order of ``groups``; ``title``
-    replaces the first line of the default title."""
-    plt = _pyplot()
-    logged = [(g, c) for g, c in zip(groups, _colors(len(groups)))
-              if any(r.get(key) is not None for run in g.runs for r in run.rows)]
-    if not logged:
-        return False
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+def _logs(group: Group, key: str) -> bool:
+    return any(r.get(key) is not None for run in group.runs for r in run.rows)
+
+
+def _draw_grad_variance(ax, logged: list, key: str) -> None:
+    """(group, color) curves of ``key`` against round on ``ax``, log y."""
     for g, color in logged:
         rounds, _, values = aligned(g, key)
         _band(ax, rounds, values, color, g.label, log=True)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(_plain_log_formatter())
     ax.yaxis.set_minor_formatter(_plain_log_formatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
-    ax.set_xlabel("round")
-    ax.set_ylabel(r"gradient variance $r(x) = \frac{1}{2}\sum_i w_i \|g_i - g\|^2$")
     ax.grid(alpha=0.3, which="major")
     ax.grid(alpha=0.1, which="minor")
     ax.set_xlim(left=0)
-    note = _seed_note([g for g, _ in logged]).replace("mean", "geometric mean").replace("std", "geometric std")
+
+
+def _variance_note(groups: list[Group]) -> str:
+    return _seed_note(groups).replace("mean", "geometric mean").replace("std", "geometric std")
+
+
+R_LABEL = r"gradient variance $r(x) = \frac{1}{2}\sum_i w_i \|g_i - g\|^2$"
+
+
+def plot_grad_variance(groups: list[Group], path: Path, key: str = "grad_variance", title: str | None = None) -> bool:
+    """``key`` (``grad_variance`` or the diagnostic ``diag_grad_variance``) against round, log y;
+    False (nothing written) if no group logs it. Colors follow the order of ``groups``; ``title``
+    replaces the first line of the default title."""
+    plt = _pyplot()
+    logged = [(g, c) for g, c in zip(groups, _colors(len(groups))) if _logs(g, key)]
+    if not logged:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
+    _draw_grad_variance(ax, logged, key)
+    ax.set_xlabel("round")
+    ax.set_ylabel(R_LABEL)
     what = "diagnostic, every algorithm" if key.startswith("diag") else "from each algorithm's own g_i"
-    ax.set_title(f"{title or f'Gradient variance across clients ({what})'}\n({note})")
+    ax.set_title(f"{title or f'Gradient variance across clients ({what})'}\n({_variance_note([g for g, _ in logged])})")
     _figure_legend(fig, ax)
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_grad_variance_pairs(pairs: list[tuple[Group, Group]], path: Path, key: str, title: str) -> bool:
+    """One panel per (method, baseline) pair: both curves of ``key`` against round, log y, the
+    first in the first color; False (nothing written) when no pair has both logged."""
+    plt = _pyplot()
+    pairs = [(a, b) for a, b in pairs if _logs(a, key) and _logs(b, key)]
+    if not pairs:
+        return False
+    ncols = min(3, len(pairs))
+    nrows = -(-len(pairs) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows + 0.6), layout="constrained",
+                             squeeze=False)
+    for ax, (a, b) in zip(axes.flat, pairs):
+        _draw_grad_variance(ax, list(zip((a, b), _colors(2))), key)
+        ax.set_xlim(0, min(aligned(g, key)[0].max() for g in (a, b)))  # over the shorter run
+        ax.set_title(f"{a.label} against {b.label}", fontsize=10)
+        ax.legend(fontsize=8, frameon=False)
+    for ax in axes.flat[len(pairs):]:
+        ax.set_visible(False)
+    fig.supxlabel("round")
+    fig.supylabel(R_LABEL)
+    fig.suptitle(f"{title}\n({_variance_note([g for pair in pairs for g in pair])})")
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 

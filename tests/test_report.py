@@ -154,3 +154,14 @@ def test_validation_column_and_diagnostic_plot(tmp_path):
     groups = {g["label"]: g for g in json.loads((tmp_path / "out" / "table.json").read_text())["groups"]}
     vals = [[r["val_acc"] for r in read_metrics(d) if "val_acc" in r][-1] for d in dirs[:2]]
     assert groups["fedavg"]["final_val_acc_mean"] == pytest.approx(np.mean(vals))
+
+
+def test_grad_variance_pairs_plot_draws_a_panel_per_pair_where_both_log_it(tmp_path, runs):
+    """The study's pairs figure: written when a pair has both curves, not when one lacks them."""
+    from dist_gradalign.report import plot_grad_variance_pairs
+    fedavg, fedga = group_runs([load_run(d) for d in runs])
+    path = tmp_path / "pairs.png"
+    assert not plot_grad_variance_pairs([(fedga, fedavg)], path, "grad_variance", "t")  # fedavg logs none
+    assert not path.exists()
+    assert plot_grad_variance_pairs([(fedga, fedga)], path, "grad_variance", "t")
+    assert path.read_bytes().startswith(PNG_MAGIC)

@@ -391,3 +391,16 @@ def test_until_the_longer_line_ends_equal_communication_is_against_the_untuned_b
     comm = data["summary"]["methods"]["fedga"]["axes"]["communication"]
     assert comm["untuned"] and comm["against"] == f"fedavg round {2 * R}, lr 0.05 tuned for {R} only: its {2 * R}-round line is not finished"
     assert "(the baseline's lr not yet tuned for this budget)" in study._claim_cell(comm)
+
+
+@pytest.mark.parametrize("name", list(study.SETTINGS))
+def test_every_method_of_every_setting_is_a_valid_config(name):
+    """A bad override (a key, a value, a combination the algorithm refuses) fails here, not hours
+    into a study: each method's first tuning run loads as a config."""
+    from dist_gradalign.config import load_config
+    setting = study.SETTINGS[name]
+    for method in setting.methods:
+        spec = study.Spec(name, method, tuple((p, 0) for p in method.tune), study.TUNE_SEEDS[0], setting.rounds)
+        path, *overrides = spec.args()
+        cfg = load_config(str(REPO / path), overrides)
+        assert cfg.algorithm.name == method.algorithm

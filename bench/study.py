@@ -387,19 +387,23 @@ def run_one(spec: Spec, core: int) -> str:
     return status
 
 
-def next_spec(queue: list[tuple[Setting, tuple[str, ...]]], skip: set[Spec]) -> Spec | None:
-    """The first run the plans need now that is neither stored nor in ``skip`` (running, or
-    failed in this invocation): queue entries (a setting, and the method labels to run, all if
-    empty) in the order given, tuning runs before reporting runs within an entry (they decide
-    what runs next)."""
+def needed_now(queue: list[tuple[Setting, tuple[str, ...]]], skip: set[Spec]) -> list[Spec]:
+    """The runs the plans need now that are neither stored nor in ``skip`` (running, or failed
+    in this invocation): queue entries (a setting, and the method labels to run, all if empty)
+    in the order given, tuning runs before reporting runs within an entry (they decide what
+    runs next). Later runs follow from their results (a search moves, reporting runs start)."""
+    out = []
     for setting, labels in queue:
         specs, _ = plan(setting)
         needed = [s for s in specs if s not in skip and load_result(s) is None
                   and (not labels or s.method.label in labels)]
-        needed.sort(key=lambda s: s.seed not in TUNE_SEEDS)  # stable: tuning first
-        if needed:
-            return needed[0]
-    return None
+        out += sorted(needed, key=lambda s: s.seed not in TUNE_SEEDS)  # stable: tuning first
+    return out
+
+
+def next_spec(queue: list[tuple[Setting, tuple[str, ...]]], skip: set[Spec]) -> Spec | None:
+    """The first of :func:`needed_now`, or None."""
+    return next(iter(needed_now(queue, skip)), None)
 
 
 def run_study(queue: list[tuple[Setting, tuple[str, ...]]], jobs: int, deadline: float) -> None:
@@ -411,6 +415,7 @@ def run_study(queue: list[tuple[Setting, tuple[str, ...]]], jobs: int, deadline:
     free = [j % ncpu for j in range(jobs)]
     running: dict = {}  # future -> (spec, core, start time)
     failed: set[Spec] = set()
+    finished = 0
     with ThreadPoolExecutor(jobs) as pool:
         while True:
             while free and time.time() <= deadline:
@@ -432,7 +437,10 @@ def run_study(queue: list[tuple[Setting, tuple[str, ...]]], jobs: int, deadline:
                     status = f"FAILED ({e!r})"
                 if status.startswith("FAILED"):
                     failed.add(spec)
-                print(f"  {spec.setting}/{spec.name}: {status} ({time.time() - t0:.0f}s)", flush=True)
+                finished += 1
+                left = len(needed_now(queue, failed | {s for s, _, _ in running.values()}))
+                print(f"  {spec.setting}/{spec.name}: {status} ({time.time() - t0:.0f}s); {finished} ended in "
+                      f"this invocation, {len(running)} running, {left} more needed now", flush=True)
 
 
 # ---------------------------------------------------------------- tuning

@@ -202,7 +202,7 @@ def test_plan_prints_progress_choices_and_the_runs_needed_now(setting):
     assert done[0].endswith("needed now: 0 runs") and "  chosen: fedga at lr 0.05, beta 0.025" in done
 
 
-def test_the_runner_starts_the_next_needed_run_on_a_free_core_and_finishes_every_plan(tmp_path, monkeypatch):
+def test_the_runner_starts_the_next_needed_run_on_a_free_core_and_finishes_every_plan(tmp_path, monkeypatch, capsys):
     """run_study, with a synthetic training in place of run_one, on two settings at once. One
     tuning run of the first setting holds its core until the second setting has started (a
     runner that waited for a batch to end would never start it: the run times out), then fails.
@@ -243,6 +243,9 @@ def test_the_runner_starts_the_next_needed_run_on_a_free_core_and_finishes_every
     assert [s for s in study.plan(b)[0] if study.load_result(s) is None] == []
     assert "  chosen: fedavg at lr 0.05" in study.progress(a).splitlines()
     assert "  chosen: fedavg at lr 0.05" in study.progress(b).splitlines()
+    ends = [line for line in capsys.readouterr().out.splitlines() if " ended in this invocation" in line]
+    assert len(ends) == len(started)  # each end says how far the study is
+    assert ends[-1].endswith(f"{len(started)} ended in this invocation, 0 running, 0 more needed now")
 
 
 def test_the_runner_starts_nothing_after_the_deadline(setting, monkeypatch):

@@ -407,3 +407,24 @@ def test_every_method_of_every_setting_is_a_valid_config(name):
         path, *overrides = spec.args()
         cfg = load_config(str(REPO / path), overrides)
         assert cfg.algorithm.name == method.algorithm
+
+
+def test_a_held_parameter_is_named_never_searched_and_its_earlier_runs_count(setting, monkeypatch):
+    """A parameter held at its base value (``caps`` 0: FedDyn's alpha in its displaced variant)
+    gets no neighbours and no "not bracketed" flag; runs stored at another value of it (an earlier
+    protocol) stay in the tuning table and may be chosen."""
+    held = study.Method("feddyn-ga", "feddyn", ("lr", "beta", "feddyn_alpha"),
+                        (("lr", 0.05), ("beta", 0.05), ("feddyn_alpha", 0.08)),
+                        ("algorithm.displacement=fresh",), caps=(("feddyn_alpha", 0),))
+    monkeypatch.setitem(study.SETTINGS, setting.name, dataclasses.replace(setting, methods=[held]))
+    setting = study.SETTINGS[setting.name]
+    earlier = (("lr", 0), ("beta", 0), ("feddyn_alpha", -3))
+    for seed in study.TUNE_SEEDS:
+        _fake(study.Spec(setting.name, held, earlier, seed, setting.rounds), 0.5)
+    chosen = _drive(setting, lambda m, e: 0.6 - 0.01 * (e["lr"] - 1) ** 2 - 0.01 * e["beta"] ** 2)
+    assert chosen["feddyn-ga"] == (("lr", 1), ("beta", 0), ("feddyn_alpha", 0))
+    _, scores, _ = study.search(setting, held)
+    assert {k for pt in scores for p, k in pt if p == "feddyn_alpha"} == {0, -3}
+    table = study.tuning_table(setting)
+    assert "| feddyn-ga | lr 0.05, beta 0.05, feddyn_alpha 0.01 | 50.00 | 50.00 | 50.00 |" in table
+    assert "**lr 0.1, beta 0.05, feddyn_alpha 0.08**" in table and "not bracketed" not in table

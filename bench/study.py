@@ -418,7 +418,14 @@ def run_study(queue: list[tuple[Setting, tuple[str, ...]]], jobs: int, deadline:
     """Keep ``jobs`` runs going, one per core, until every plan is complete: whenever a run ends,
     the plans are read again from the stored results and the next needed run starts, so no core
     waits for the slowest run of a batch. No run starts after ``deadline``; running ones finish.
-    A run that fails (a crash, not a divergence) is not retried in this invocation."""
+    A run that fails (a crash, not a divergence) is not retried in this invocation. A run
+    directory that cannot be made (a broken ``runs`` link) stops the study before any run: every
+    run would fail the same way."""
+    try:
+        RUNS.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"study: cannot make the run directory {RUNS} ({e.strerror}; it resolves to "
+                         f"{os.path.realpath(RUNS)}): no run started")
     ncpu = len(os.sched_getaffinity(0))
     free = [j % ncpu for j in range(jobs)]
     running: dict = {}  # future -> (spec, core, start time)

@@ -248,6 +248,16 @@ def test_the_runner_starts_the_next_needed_run_on_a_free_core_and_finishes_every
     assert ends[-1].endswith(f"{len(started)} ended in this invocation, 0 running, 0 more needed now")
 
 
+def test_a_run_directory_that_cannot_be_made_stops_the_study_before_any_run(setting, tmp_path, monkeypatch):
+    """A ``runs`` link left dangling (a fresh checkout of the worktree it points into) made every
+    run fail in turn; the runner now stops first, naming where the link leads."""
+    (tmp_path / "runs").symlink_to(tmp_path / "gone")
+    monkeypatch.setattr(study, "RUNS", tmp_path / "runs" / "study")
+    monkeypatch.setattr(study, "run_one", lambda spec, core: pytest.fail("a run started"))
+    with pytest.raises(SystemExit, match=r"cannot make the run directory .*gone/study\): no run started"):
+        study.run_study([(setting, ())], jobs=2, deadline=math.inf)
+
+
 def test_the_runner_starts_nothing_after_the_deadline(setting, monkeypatch):
     monkeypatch.setattr(study, "run_one", lambda spec, core: pytest.fail("a run started after the deadline"))
     study.run_study([(setting, ())], jobs=2, deadline=0.0)
